@@ -1,0 +1,1 @@
+"""Data: the shapes world, tokenizers, degradations and the input pipeline."""

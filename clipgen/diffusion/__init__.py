@@ -1,0 +1,1 @@
+"""Gaussian diffusion maths as pure functions over arrays; a model is a function."""

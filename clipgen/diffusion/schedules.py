@@ -1,0 +1,96 @@
+"""Noise schedules and timestep respacing.
+
+Betas are computed in float64 numpy, as improved-diffusion does; the Gaussian process in
+`gaussian.py` derives every coefficient from them before casting to float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCHEDULES = ("cosine", "linear")
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """The cosine schedule (Nichol & Dhariwal 2021; diffusers' `squaredcos_cap_v2`)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float64)
+
+
+def linear_betas(num_timesteps: int) -> np.ndarray:
+    """DDPM's linear schedule, 1e-4 to 2e-2 at 1000 steps, rescaled for other lengths."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def make_betas(name: str, num_timesteps: int) -> np.ndarray:
+    """The named schedule's betas; `name` is one of `SCHEDULES`."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
+    if name == "cosine":
+        return cosine_betas(num_timesteps)
+    if name == "linear":
+        return linear_betas(num_timesteps)
+    raise ValueError(f"unknown noise schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
+    """The timesteps of the original process kept when respacing, sorted ascending.
+
+    `spacing` follows improved-diffusion's `space_timesteps`: "ddimN" takes every k-th step
+    from 0 with the stride k that gives exactly N steps; otherwise a comma-separated list of
+    counts splits [0, T) into equal sections and takes that many evenly spaced steps from
+    each (a single "N" or an int N spreads N steps over the whole process, both ends kept).
+    """
+    spacing = str(spacing).strip()
+    if spacing.startswith("ddim"):
+        wanted = int(spacing[len("ddim") :])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == wanted:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot take exactly {wanted} strided steps from {num_timesteps}")
+    try:
+        section_counts = [int(part) for part in spacing.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"bad timestep spacing {spacing!r}: expected 'ddimN', 'N' or 'N1,N2,...'"
+        ) from None
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start = 0
+    kept: list[int] = []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size or count < 1:
+            raise ValueError(f"cannot take {count} steps from a section of {size} steps")
+        frac_stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += frac_stride
+        start += size
+    return sorted(set(kept))
+
+
+def respace_betas(betas: np.ndarray, kept: list[int]) -> np.ndarray:
+    """Betas of the process that visits only `kept` steps, with the same alpha-bar at each.
+
+    beta'_i = 1 - alpha_bar[kept_i] / alpha_bar[kept_{i-1}], so that q(x_t | x_0) is
+    unchanged at every kept step (improved-diffusion's `SpacedDiffusion`).
+    """
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    new_betas = []
+    last = 1.0
+    for t in kept:
+        new_betas.append(1.0 - alphas_cumprod[t] / last)
+        last = alphas_cumprod[t]
+    return np.asarray(new_betas, dtype=np.float64)
