@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "tensorflow-datasets==4.9.10",
     "array_record==0.8.6",
+    # tfds resolves its package resources through it but does not declare it.
+    "importlib_resources>=6",
     "grain==0.2.18",
     # clu's metric writers and periodic actions import TensorFlow and TensorBoard.
     "tensorflow-cpu==2.21.0",
