@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # orbax narrates every save at INFO through absl; keep its warnings only.
+    logging.getLogger("absl").addFilter(
+        lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    )
     if args.command == "train":
         return _train(args.workdir, rest)
     if rest:

@@ -1,1 +1,1 @@
-"""clipgen.models."""
+"""Flax linen modules only: init/apply, no training, no I/O."""

@@ -1,0 +1,204 @@
+"""Checkpoints: a thin layer over orbax's CheckpointManager.
+
+One composite item per thing: `state` (step, parameters, optimizer state, RNG, counters),
+`ema` (the EMA parameters), `config` (JSON), `data` (the input iterator's position) and
+`meta` (clipgen version and stage). Saves are async and atomic (orbax writes to a
+temporary directory and renames it); restores land straight on the target sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers
+
+import clipgen
+from clipgen.train.state import TrainState
+
+# Config sections whose values fix the shapes of what a checkpoint holds.
+SHAPE_KEYS = ("model",)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for a different model than the one being restored."""
+
+
+@dataclasses.dataclass
+class Restored:
+    state: TrainState
+    data: dict[str, Any]
+    step: int
+
+
+class Checkpointer:
+    """Saves and restores the train state of one run directory."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int = 3,
+        keep_every: int = 0,
+        asynchronous: bool = True,
+    ):
+        self.directory = Path(directory).absolute()
+        policies = [checkpoint_managers.LatestN(keep)]
+        if keep_every:
+            policies.append(checkpoint_managers.EveryNSteps(keep_every))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=asynchronous,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        state: TrainState,
+        config: ml_collections.ConfigDict,
+        data: dict[str, Any],
+        *,
+        stage: str = "",
+        force: bool = False,
+    ) -> bool:
+        """Start saving `state` at its step; returns at once while the write goes on."""
+        step = int(jax.device_get(state.step))
+        fields = _state_fields(state)
+        ema = fields.pop("ema")
+        meta = {"clipgen_version": clipgen.__version__, "stage": stage, "step": step}
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(fields),
+                ema=ocp.args.StandardSave(ema),
+                config=ocp.args.JsonSave(config.to_dict()),
+                data=ocp.args.JsonSave(data),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(
+        self, abstract_state: TrainState, config: ml_collections.ConfigDict
+    ) -> Restored | None:
+        """The newest readable checkpoint restored onto `abstract_state`'s shardings.
+
+        An unreadable checkpoint is skipped, with a warning naming it, for the one before;
+        one written for another model raises `CheckpointMismatchError` naming the keys that
+        differ. Returns None when there is no checkpoint.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        errors = []
+        for step in reversed(steps):
+            try:
+                saved_config, meta = self._read_json(step)
+            except Exception as error:  # noqa: BLE001 - any failure means unreadable
+                self._skip(step, error, errors)
+                continue
+            check_compatible(saved_config, config, meta, self.directory / str(step))
+            try:
+                return self._restore_step(step, abstract_state)
+            except Exception as error:  # noqa: BLE001
+                self._skip(step, error, errors)
+        raise RuntimeError(
+            f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
+        ) from None
+
+    def _read_json(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
+        )
+        return restored["config"], restored["meta"]
+
+    def _restore_step(self, step: int, abstract_state: TrainState) -> Restored:
+        fields = _state_fields(abstract_state)
+        abstract_ema = fields.pop("ema")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(fields),
+                ema=ocp.args.StandardRestore(abstract_ema),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        state = TrainState(**restored["state"], ema=restored["ema"])
+        return Restored(state=state, data=restored["data"], step=step)
+
+    def _skip(self, step: int, error: Exception, errors: list[str]) -> None:
+        """Set an unreadable checkpoint aside (renamed, never deleted) so that training can
+        save that step again, and say so."""
+        where = self.directory / str(step)
+        aside = self.directory / f"unreadable-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            where.rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        logging.warning(
+            "checkpoint %s is unreadable (%s: %s); moved it to %s and trying the one before",
+            where,
+            type(error).__name__,
+            error,
+            aside,
+        )
+        errors.append(f"{where}: {type(error).__name__}: {error}")
+
+    def wait(self) -> None:
+        """Block until pending saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_compatible(
+    saved: dict[str, Any], config: ml_collections.ConfigDict, meta: dict[str, Any], where: Path
+) -> None:
+    """Fail, naming the differing keys, when a checkpoint's model config differs from ours."""
+    current = config.to_dict()
+    differing = []
+    for section in SHAPE_KEYS:
+        old = _flatten(saved.get(section, {}), section)
+        new = _flatten(current.get(section, {}), section)
+        differing += [
+            f"{key}: checkpoint {old.get(key, '<absent>')!r} vs config {new.get(key, '<absent>')!r}"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)
+        ]
+    if differing:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} (clipgen {meta.get('clipgen_version', '?')}, stage "
+            f"{meta.get('stage', '?')!r}) was written for another model; differing keys: "
+            + "; ".join(differing)
+            + ". Use a fresh --workdir, or the config the checkpoint was trained with."
+        )
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def _state_fields(state: TrainState) -> dict[str, Any]:
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}

@@ -1,0 +1,88 @@
+"""The training loop's config fields, which every stage's `get_config(arg)` starts from."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from clipgen import parallel
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Loop, mesh, optimizer and checkpoint settings with their defaults; a stage fills
+    `stage`, `model` and `data` and adjusts the rest."""
+    config = ml_collections.ConfigDict()
+    config.stage = ""  # a module clipgen.train.<stage> (or an importable module) with make_stage
+    config.seed = 0
+    config.total_steps = 1000
+    config.batch_size = 32  # global, over all devices and hosts
+    config.log_every = 50
+    config.eval_every = 0
+    config.preview_every = 0
+    config.on_nonfinite = "stop"  # or "skip": drop the update and count it
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
+    config.fsdp_min_size = 2**14  # unnamed parameters smaller than this stay replicated
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 1e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.0
+    config.optim.grad_clip = 1.0
+    config.optim.warmup_steps = 0
+    config.optim.schedule = "cosine"
+    config.optim.decay_steps = config.get_ref("total_steps")
+    config.optim.final_lr_fraction = 0.0
+    config.optim.ema_decays = (0.9999,)
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 1000
+    config.checkpoint.keep = 3
+    config.checkpoint.keep_every = 0
+    config.checkpoint.asynchronous = True
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = config_dict.placeholder(str)
+    config.distributed.num_processes = config_dict.placeholder(int)
+    config.distributed.process_id = config_dict.placeholder(int)
+    config.distributed.local_device_ids = config_dict.placeholder(tuple)
+
+    config.model = ml_collections.ConfigDict()
+    config.data = ml_collections.ConfigDict()
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fail on values the loop cannot run with, naming the key, before anything compiles."""
+    problems = []
+    if not config.stage:
+        problems.append("config.stage is empty: name the stage module")
+    for key in ("total_steps", "batch_size", "log_every"):
+        if config[key] < 1:
+            problems.append(f"config.{key} must be >= 1, got {config[key]}")
+    if config.checkpoint.every < 1:
+        problems.append(f"config.checkpoint.every must be >= 1, got {config.checkpoint.every}")
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        problems.append(
+            f"config.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}"
+        )
+    if config.optim.schedule not in ("cosine", "constant"):
+        problems.append(f"config.optim.schedule: {config.optim.schedule!r} (cosine or constant)")
+    if not config.optim.ema_decays:
+        problems.append("config.optim.ema_decays is empty: give at least one decay")
+    for decay in config.optim.ema_decays:
+        if not 0.0 < decay < 1.0:
+            problems.append(f"config.optim.ema_decays: {decay} is not in (0, 1)")
+    unknown_axes = set(config.mesh) - set(parallel.MESH_AXES)
+    if unknown_axes:
+        problems.append(f"config.mesh: unknown axes {sorted(unknown_axes)}")
+    sizes = list(config.mesh.values())
+    if any(size == 0 or size < -1 for size in sizes) or sizes.count(-1) > 1:
+        problems.append(f"config.mesh: sizes >= 1 and at most one -1; got {dict(config.mesh)}")
+    if problems:
+        raise ValueError("bad config:\n  " + "\n  ".join(problems))
