@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from clipgen import parallel
 from clipgen.data import shapes
-from clipgen.diffusion import gaussian
+from clipgen.diffusion import gaussian, samplers
 from clipgen.models.layers import timestep_embedding
 from clipgen.train import config as config_lib
 from clipgen.train.loop import Stage
@@ -29,21 +29,21 @@ class Denoiser(nn.Module):
     """Three 3x3 convolutions with a timestep embedding; output channels FSDP-shardable."""
 
     channels: int = 16
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x, t):
         def conv(features, name):
-            return nn.Conv(
-                features, (3, 3), name=name, kernel_init=_kernel((None,) * 3 + ("conv_out",))
-            )
+            kernel_init = _kernel((None,) * 3 + ("conv_out",))
+            return nn.Conv(features, (3, 3), name=name, kernel_init=kernel_init, dtype=self.dtype)
 
         h = conv(self.channels, "conv_in")(x)
-        emb = nn.Dense(self.channels, kernel_init=_kernel((None, "embed")))(
+        emb = nn.Dense(self.channels, kernel_init=_kernel((None, "embed")), dtype=self.dtype)(
             timestep_embedding(t, 32)
         )
-        h = nn.silu(nn.GroupNorm(4)(h + emb[:, None, None, :]))
+        h = nn.silu(nn.GroupNorm(4, dtype=self.dtype)(h + emb[:, None, None, :]))
         h = nn.silu(conv(self.channels, "conv_mid")(h))
-        return conv(x.shape[-1], "conv_out")(h)
+        return conv(x.shape[-1], "conv_out")(h).astype(jnp.float32)
 
 
 def example_image(seed: int, index: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def example_image(seed: int, index: int) -> np.ndarray:
 
 
 def make_stage(config: ml_collections.ConfigDict) -> Stage:
-    model = Denoiser(config.model.channels)
+    model = Denoiser(config.model.channels, config.model.dtype)
     diffusion = gaussian.make_diffusion("cosine", 1000)
 
     def init_params(rng):
@@ -83,7 +83,19 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
         shape = (global_batch_size, RESOLUTION, RESOLUTION, 3)
         return {"image": jax.ShapeDtypeStruct(shape, jnp.float32)}
 
-    return Stage("denoiser", init_params, loss, batches, batch_spec)
+    @jax.jit
+    def sample(params, rng):
+        respaced = diffusion.respaced("ddim10")
+        model_fn = lambda x_t, steps: model.apply({"params": params}, x_t, steps)
+        x_T = jax.random.normal(rng, (4, RESOLUTION, RESOLUTION, 3))
+        return samplers.sample(respaced, model_fn, x_T, rng, method="ddim", clip=1.0)
+
+    def preview(state):
+        params = next(iter(state.ema.values()))
+        images = sample(params, jax.random.key(0))
+        return {"samples": np.asarray((images + 1) * 127.5).round().clip(0, 255).astype(np.uint8)}
+
+    return Stage("denoiser", init_params, loss, batches, batch_spec, preview=preview)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -99,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decays = (0.9, 0.99)
     config.checkpoint.every = 2
     config.model.channels = 16
+    config.model.dtype = "float32"
     config.data.seed = 0
     config.data.nan_at_batch = -1
     return config

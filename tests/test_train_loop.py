@@ -98,6 +98,17 @@ def test_sharded_run_equals_single_device_run(tmp_path):
         assert sharded_losses[step] == pytest.approx(value, rel=1e-5)
 
 
+def test_bf16_compute_and_sample_previews(tmp_path):
+    state = _train(tmp_path, jax.devices()[:1], preview_every=3, **{"model.dtype": "bfloat16"})
+    assert state.params["conv_mid"]["kernel"].dtype == np.float32  # parameters stay f32
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [2, 4, 6] and all(np.isfinite(list(losses.values())))
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    previews = events.Tensors("samples")
+    assert [event.step for event in previews] == [3, 6]
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     devices = jax.devices()[:1]
     reference = _train(tmp_path / "reference", devices, total_steps=4)

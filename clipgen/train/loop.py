@@ -68,44 +68,24 @@ def train(
     checkpoint; the mesh spans `devices` (default: all). Raises `Preempted` after saving
     when SIGTERM arrives, `NonFiniteError` when a non-finite loss or gradient appears and
     `config.on_nonfinite == "stop"`."""
-    parallel.initialize_distributed(config)
     workdir = Path(workdir)
-    mesh = parallel.make_mesh(dict(config.mesh), devices)
-    rules = parallel.logical_rules(config)
-    tx = state_lib.make_optimizer(config.optim)
-    ema_decays = tuple(config.optim.ema_decays)
-    batch_size = int(config.batch_size)
-
-    def init_state(seed):
-        init_rng, state_rng = jax.random.split(jax.random.key(seed))
-        return state_lib.create_state(stage.init_params(init_rng), tx, ema_decays, state_rng)
-
-    with nn.logical_axis_rules(rules):
-        abstract_state, state_shardings = parallel.abstract_sharded(
-            init_state, mesh, rules, config.seed, fsdp_min_size=config.fsdp_min_size
-        )
+    run = prepare(config, stage, devices)
+    mesh, rules, batch_size = run.mesh, run.rules, int(config.batch_size)
     checkpointer = Checkpointer(
         workdir / "checkpoints",
         keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
         asynchronous=config.checkpoint.asynchronous,
     )
-    restored = checkpointer.restore(abstract_state, config)
+    restored = checkpointer.restore(run.abstract_state, config)
     if restored is None:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            train_state = jax.jit(
-                lambda seed: nn.meta.unbox(init_state(seed)), out_shardings=state_shardings
-            )(config.seed)
+        train_state = run.init_state()
         first_batch = 0
     else:
         train_state = restored.state
         first_batch = int(restored.data["batches"])
         logging.info("resumed from %s at step %d", checkpointer.directory, restored.step)
-
-    schedule = state_lib.learning_rate_schedule(config.optim)
-    step_fn = _compile_step(
-        stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size
-    )
+    step_fn = run.step
     writer = _metric_writer(workdir)
     hooks = _progress_hooks(config, writer)
     start_step = int(jax.device_get(train_state.step))
@@ -150,6 +130,56 @@ def train(
         checkpointer.close()
         writer.flush()
     return train_state
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A stage made ready to train: its mesh, its sharded state's shapes and the compiled
+    step (`step(state, global_batch) -> (state, metrics)`)."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    abstract_state: state_lib.TrainState
+    state_shardings: Any
+    step: Any
+    compile_seconds: float
+    init_state: Callable[[], state_lib.TrainState]
+
+
+def prepare(
+    config: ml_collections.ConfigDict, stage: Stage, devices: Sequence[jax.Device] | None = None
+) -> Prepared:
+    """Mesh, sharded state shapes and the AOT-compiled step; no parameters are made yet
+    (`init_state()` makes them, in place on their shards)."""
+    parallel.initialize_distributed(config)
+    mesh = parallel.make_mesh(dict(config.mesh), devices)
+    rules = parallel.logical_rules(config)
+    tx = state_lib.make_optimizer(config.optim)
+    ema_decays = tuple(config.optim.ema_decays)
+
+    def init_state(seed):
+        init_rng, state_rng = jax.random.split(jax.random.key(seed))
+        return state_lib.create_state(stage.init_params(init_rng), tx, ema_decays, state_rng)
+
+    with nn.logical_axis_rules(rules):
+        abstract_state, state_shardings = parallel.abstract_sharded(
+            init_state, mesh, rules, config.seed, fsdp_min_size=config.fsdp_min_size
+        )
+
+    def make_state() -> state_lib.TrainState:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jax.jit(
+                lambda seed: nn.meta.unbox(init_state(seed)), out_shardings=state_shardings
+            )(config.seed)
+
+    schedule = state_lib.learning_rate_schedule(config.optim)
+    start = time.perf_counter()
+    step = _compile_step(
+        stage, tx, schedule, mesh, rules, state_shardings, abstract_state, int(config.batch_size)
+    )
+    seconds = time.perf_counter() - start
+    logging.info("compiled the %s train step in %.1f s", stage.name, seconds)
+    return Prepared(mesh, rules, abstract_state, state_shardings, step, seconds, make_state)
 
 
 def _compile_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size):
@@ -202,11 +232,8 @@ def _compile_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_st
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
-    start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(abstract_state, abstract_batch).compile()
-    logging.info("compiled the %s train step in %.1f s", stage.name, time.perf_counter() - start)
-    return compiled
+        return jitted.lower(abstract_state, abstract_batch).compile()
 
 
 def _check_finite(config, train_state, checkpointer) -> None:
