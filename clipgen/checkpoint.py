@@ -75,8 +75,11 @@ class Checkpointer:
         stage: str = "",
         force: bool = False,
     ) -> bool:
-        """Start saving `state` at its step; returns at once while the write goes on."""
+        """Start saving `state` at its step; returns at once while the write goes on.
+        A step that is already saved is not written again."""
         step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return False
         fields = _state_fields(state)
         ema = fields.pop("ema")
         meta = {"clipgen_version": clipgen.__version__, "stage": stage, "step": step}

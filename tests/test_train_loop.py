@@ -124,6 +124,17 @@ def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     _assert_trees_close(reference.params, resumed.params, rtol=0, atol=0)
 
 
+def test_checkpoints_keep_the_latest_n_and_every_kth(tmp_path):
+    _train(
+        tmp_path,
+        jax.devices()[:1],
+        total_steps=9,
+        **{"checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.keep_every": 4},
+    )
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [4, 8, 9]
+
+
 def test_checkpoint_of_another_model_fails_naming_the_keys(tmp_path):
     _train(tmp_path, jax.devices()[:1], total_steps=2)
     with pytest.raises(
