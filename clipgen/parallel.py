@@ -225,14 +225,3 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x),
         local_batch,
     )
-
-
-def host_batch_slice(global_batch_size: int) -> slice:
-    """The rows of a global batch that this process reads."""
-    count = jax.process_count()
-    if global_batch_size % count:
-        raise ValueError(
-            f"global batch size {global_batch_size} does not divide over {count} processes"
-        )
-    per_host = global_batch_size // count
-    return slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)

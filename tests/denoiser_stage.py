@@ -11,8 +11,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from clipgen import parallel
-from clipgen.data import shapes
+from clipgen.data import pipeline
 from clipgen.diffusion import gaussian, samplers
 from clipgen.models.layers import timestep_embedding
 from clipgen.train import config as config_lib
@@ -46,11 +45,6 @@ class Denoiser(nn.Module):
         return conv(x.shape[-1], "conv_out")(h).astype(jnp.float32)
 
 
-def example_image(seed: int, index: int) -> np.ndarray:
-    scene = shapes.sample_scene(np.random.default_rng([seed, index]))
-    return shapes.render(scene, RESOLUTION).astype(np.float32) / 127.5 - 1.0
-
-
 def make_stage(config: ml_collections.ConfigDict) -> Stage:
     model = Denoiser(config.model.channels, config.model.dtype)
     diffusion = gaussian.make_diffusion("cosine", 1000)
@@ -68,16 +62,18 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
         losses = diffusion.training_losses(model_fn, x0, t, noise)
         return losses["loss"].mean(), {"mse": losses["mse"].mean()}
 
+    source = pipeline.ProceduralShapes((RESOLUTION,), seed=config.data.seed)
+
+    def to_arrays(examples):
+        images = np.stack([e[f"image_{RESOLUTION}"] for e in examples])
+        return {"image": images.astype(np.float32) / 127.5 - 1.0}
+
     def batches(first_batch: int, global_batch_size: int) -> Iterator[dict]:
-        rows = parallel.host_batch_slice(global_batch_size)
-        number = first_batch
-        while True:
-            ids = range(number * global_batch_size, (number + 1) * global_batch_size)[rows]
-            images = np.stack([example_image(config.data.seed, i) for i in ids])
+        stream = pipeline.host_batches(source, to_arrays, first_batch, global_batch_size)
+        for number, batch in enumerate(stream, start=first_batch):
             if number == config.data.nan_at_batch:
-                images[0, 0, 0, 0] = np.nan
-            yield {"image": images}
-            number += 1
+                batch["image"][0, 0, 0, 0] = np.nan
+            yield batch
 
     def batch_spec(global_batch_size: int):
         shape = (global_batch_size, RESOLUTION, RESOLUTION, 3)
