@@ -34,10 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # orbax narrates every save at INFO through absl; keep its warnings only.
-    logging.getLogger("absl").addFilter(
-        lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname
-    )
+    logging.getLogger("absl").addFilter(_quiet_orbax)
     if args.command == "train":
         return _train(args.workdir, rest)
     if rest:
@@ -52,6 +49,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo_lib.run(args.workdir)
     return 0
+
+
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """orbax narrates every save at INFO through absl (whose records all name absl's own
+    file); drop those that come from orbax code, keep its warnings."""
+    if record.levelno >= logging.WARNING:
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "/orbax/" in frame.f_code.co_filename:
+            return False
+        frame = frame.f_back
+    return True
 
 
 def load_config(args: Sequence[str]):

@@ -1,1 +1,1 @@
-"""clipgen.eval."""
+"""Evaluation: retrieval, and (to come) FID, KID, CLIP score and oracle metrics."""

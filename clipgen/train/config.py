@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.data = ml_collections.ConfigDict()
+    config.eval = ml_collections.ConfigDict()
     return config
 
 

@@ -1,0 +1,85 @@
+"""CLIP: contrastive pretraining of the image and text towers.
+
+Presets (`--config=configs/clip.py:<preset>`):
+  tiny   a few steps of a very small model, for tests;
+  demo   the shapes world on one CPU: 32 px ViT with 4 px patches, shapes BPE;
+  paper  ViT-H/16 at 256 px, text width 1024 x 24 (unCLIP paper, appendix C);
+         trained on a real image-caption set, with OpenAI's BPE (give its path).
+"""
+
+from clipgen.train import config as config_lib
+
+
+def get_config(arg: str | None = None):
+    preset = arg or "demo"
+    config = config_lib.base_config()
+    config.stage = "clip"
+    config.model.dtype = "float32"
+    config.model.projection_dim = 64
+    config.model.vision = dict(
+        image_size=32, patch_size=4, width=128, layers=4, heads=4, mlp_dim=512, act="gelu"
+    )
+    config.model.text = dict(width=128, layers=4, heads=4, mlp_dim=512, act="gelu")
+    config.data.tokenizer = "shapes"
+    config.data.vocab_size = 400
+    config.data.context_length = 24
+    config.data.resolution = 32
+    config.data.seed = 0
+    config.eval.num_examples = 500
+    config.eval.batch_size = 250
+    config.eval.use_ema = True
+    config.optim.lr = 1e-3
+    config.optim.b2 = 0.98
+    config.optim.eps = 1e-6
+    config.optim.weight_decay = 0.1
+    config.optim.warmup_steps = 100
+    config.optim.ema_decays = (0.99,)
+    config.batch_size = 128
+    config.total_steps = 1500
+    config.log_every = 25
+    config.eval_every = 250
+    config.checkpoint.every = 250
+
+    if preset == "tiny":
+        config.model.projection_dim = 16
+        config.model.vision = dict(
+            image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, act="gelu"
+        )
+        config.model.text = dict(width=32, layers=1, heads=2, mlp_dim=64, act="gelu")
+        config.data.vocab_size = 400
+        config.eval.num_examples = 16
+        config.eval.batch_size = 16
+        config.batch_size = 16
+        config.total_steps = 4
+        config.log_every = 2
+        config.eval_every = 4
+        config.checkpoint.every = 2
+        config.optim.warmup_steps = 1
+    elif preset == "paper":
+        config.model.projection_dim = 1024
+        config.model.vision = dict(
+            image_size=256,
+            patch_size=16,
+            width=1280,
+            layers=32,
+            heads=16,
+            mlp_dim=5120,
+            act="gelu",
+        )
+        config.model.text = dict(width=1024, layers=24, heads=16, mlp_dim=4096, act="gelu")
+        config.model.dtype = "bfloat16"
+        config.data.tokenizer = "bpe_simple_vocab_16e6.txt.gz"
+        config.data.context_length = 77
+        config.data.resolution = 256
+        config.batch_size = 32768
+        config.total_steps = 400_000
+        config.optim.lr = 5e-4
+        config.optim.warmup_steps = 2000
+        config.optim.weight_decay = 0.2
+        config.optim.ema_decays = (0.9999,)
+        config.mesh = dict(data=-1, fsdp=8, tensor=1)
+        config.checkpoint.every = 2000
+        config.eval_every = 5000
+    elif preset != "demo":
+        raise ValueError(f"configs/clip.py: unknown preset {preset!r} (tiny, demo, paper)")
+    return config
