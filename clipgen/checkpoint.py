@@ -123,6 +123,18 @@ class Checkpointer:
             f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
         ) from None
 
+    def restore_for_inference(self, step: int | None = None) -> tuple[dict[str, Any], Any, int]:
+        """(saved config, EMA parameters by name, step) of a checkpoint, as host arrays,
+        for inference; the newest step by default."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(ema=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()),
+        )
+        return restored["config"], restored["ema"], step
+
     def _read_json(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         restored = self.manager.restore(
             step,

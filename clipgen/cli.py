@@ -1,6 +1,7 @@
 """The `clipgen` command.
 
   clipgen train --config configs/<stage>.py:<preset> --workdir DIR [--config.key=value ...]
+  clipgen embed --config configs/clip.py:<preset> --workdir CLIP_RUN --out DIR [--split test]
   clipgen shapes --data-dir DIR [--preset small|cascade|tiny]
   clipgen demo [--workdir DIR]
 
@@ -29,6 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes.add_argument("--data-dir", required=True)
     shapes.add_argument("--preset", default="small", help="small, cascade or tiny")
 
+    embed = commands.add_parser("embed", help="write CLIP embedding shards of a shapes split")
+    embed.add_argument("--workdir", required=True, help="the trained CLIP run")
+    embed.add_argument("--out", required=True, help="directory for the shards")
+    embed.add_argument("--split", default="test")
+    embed.add_argument("--num-examples", type=int, default=1000)
+    embed.add_argument("--shard-size", type=int, default=500)
+
     demo = commands.add_parser("demo", help="the main job on the shapes world (one CPU)")
     demo.add_argument("--workdir", default="workdir/demo")
 
@@ -37,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").addFilter(_quiet_orbax)
     if args.command == "train":
         return _train(args.workdir, rest)
+    if args.command == "embed":
+        return _embed(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "shapes":
@@ -106,6 +116,20 @@ def load_stage_module(name: str):
             raise ValueError(f"stage module {module_name} has no make_stage(config)")
         return module
     raise ValueError(f"config.stage={name!r}: no module clipgen.train.{name} or {name}")
+
+
+def _embed(args: argparse.Namespace, config_args: Sequence[str]) -> int:
+    try:
+        config = load_config(config_args)
+    except ValueError as error:
+        print(f"clipgen embed: {error}", file=sys.stderr)
+        return 2
+    from clipgen import embed
+
+    embed.run(
+        config, args.workdir, args.out, args.split, args.num_examples, shard_size=args.shard_size
+    )
+    return 0
 
 
 def _train(workdir: str, args: Sequence[str]) -> int:

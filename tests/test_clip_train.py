@@ -12,7 +12,7 @@ from transformers import CLIPImageProcessor
 
 from clipgen.data import preprocess
 from clipgen.eval.retrieval import retrieval_accuracy
-from clipgen.models.clip import init_clip
+from clipgen.models.clip import CLIP, init_clip
 from clipgen.train import clip as clip_stage
 from clipgen.train import loop
 
@@ -99,3 +99,20 @@ def test_tiny_preset_trains_and_evaluates(tmp_path):
     state = loop.train(config, tmp_path, clip_stage.make_stage(config), jax.devices()[:1])
     assert int(state.step) == config.total_steps
     assert (tmp_path / "checkpoints" / str(config.total_steps)).exists()
+
+
+def test_embed_writes_shards_the_reader_accepts(tmp_path):
+    from clipgen import embed
+    from clipgen.data import embeddings, pipeline
+
+    config = clip_config()
+    loop.train(config, tmp_path / "clip", clip_stage.make_stage(config), jax.devices()[:1])
+    out = embed.run(config, tmp_path / "clip", tmp_path / "emb", "test", 20, 8, shard_size=6)
+    shards = embeddings.EmbeddingShards(out)
+    source = pipeline.ProceduralShapes((32,), "test", config.data.seed)
+    shards.check_aligned(np.array([source[i]["id"] for i in range(20)]))
+    # The stored image embedding is the trained model's (EMA) embedding of that example.
+    tokenizer, module, params, _ = embed.load_trained_clip(config, tmp_path / "clip")
+    inputs = clip_stage.clip_inputs([source[7]], tokenizer, "image_32", 32)
+    expected = module.apply({"params": params}, inputs["pixels"], method=CLIP.encode_image)
+    np.testing.assert_allclose(shards[7]["image_embeds"], np.asarray(expected)[0], atol=1e-5)

@@ -67,6 +67,15 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     raise ValueError(f"config.data.tokenizer={name!r}: not 'shapes', a .txt.gz, dir or .json")
 
 
+def clip_inputs(
+    examples: list[dict], tokenizer: Tokenizer, image_key: str, resolution: int
+) -> dict[str, np.ndarray]:
+    """Examples (image, caption) -> CLIP's inputs: preprocessed pixels, ids and mask."""
+    ids, mask = tokenizer.encode([pipeline.decode_text(e["caption"]) for e in examples])
+    pixels = preprocess.clip_preprocess([e[image_key] for e in examples], resolution)
+    return {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+
+
 def contrastive_loss(image_embeds, text_embeds, logit_scale):
     """Symmetric InfoNCE over the (global) batch; embeddings L2-normalised. Returns the loss
     and the in-batch top-1 accuracies."""
@@ -91,9 +100,7 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     train_source = pipeline.ProceduralShapes((config.data.resolution,), "train", config.data.seed)
 
     def to_arrays(examples):
-        ids, mask = tokenizer.encode([pipeline.decode_text(e["caption"]) for e in examples])
-        pixels = preprocess.clip_preprocess([e[key] for e in examples], resolution)
-        return {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+        return clip_inputs(examples, tokenizer, key, resolution)
 
     def init_params(rng):
         return init_clip(model, rng)["params"]

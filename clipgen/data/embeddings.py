@@ -1,0 +1,151 @@
+"""Embedding shards: CLIP outputs for a dataset, written once and read by later stages.
+
+A directory holds `shard-NNNNN.npz` files (ids, image_embeds, text_embeds, text_tokens,
+text_mask; no pickles) and a `manifest.json` written last, listing each shard's example
+ids. The reader checks every shard against the manifest and, given the image dataset's
+ids, that the two line up, and refuses them naming the first mismatch: misaligned shards
+are how other implementations silently train on wrong pairs or hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("ids", "image_embeds", "text_embeds", "text_tokens", "text_mask")
+MANIFEST = "manifest.json"
+
+
+class ShardMismatchError(ValueError):
+    """Embedding shards that do not match their manifest or their image dataset."""
+
+
+def write_shards(
+    directory: str | Path,
+    batches: Iterable[dict[str, np.ndarray]],
+    shard_size: int,
+    metadata: dict[str, Any],
+) -> Path:
+    """Write batches of FIELDS into shards of `shard_size` examples, then the manifest.
+
+    Each file is written to a temporary name and renamed, and the manifest comes last, so
+    an interrupted run leaves no manifest and is refused by the reader, never half-read.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    pending: dict[str, list[np.ndarray]] = {field: [] for field in FIELDS}
+    shards: list[dict[str, Any]] = []
+
+    def flush(count: int) -> None:
+        arrays = {field: np.concatenate(pending[field]) for field in FIELDS}
+        chunk = {field: value[:count] for field, value in arrays.items()}
+        name = f"shard-{len(shards):05d}.npz"
+        _atomic_write(directory / name, lambda file: np.savez(file, **chunk))
+        shards.append({"file": name, "ids": [int(i) for i in chunk["ids"]]})
+        for field in FIELDS:
+            pending[field] = [arrays[field][count:]]
+
+    buffered = 0
+    for batch in batches:
+        lengths = {field: len(batch[field]) for field in FIELDS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"a batch's fields have different lengths: {lengths}")
+        for field in FIELDS:
+            pending[field].append(np.asarray(batch[field]))
+        buffered += lengths["ids"]
+        while buffered >= shard_size:
+            flush(shard_size)
+            buffered -= shard_size
+    if buffered:
+        flush(buffered)
+    manifest = dict(metadata, shards=shards, num_examples=sum(len(s["ids"]) for s in shards))
+    _atomic_write(
+        directory / MANIFEST, lambda file: file.write(json.dumps(manifest, indent=1).encode())
+    )
+    return directory
+
+
+class EmbeddingShards:
+    """Random access over written shards: `shards[i]` is example i's fields."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.exists():
+            raise ShardMismatchError(
+                f"{self.directory} has no {MANIFEST}: the embedding run did not finish"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        self.ids = np.concatenate([np.asarray(s["ids"], np.int64) for s in self.manifest["shards"]])
+        self._starts = np.cumsum([0] + [len(s["ids"]) for s in self.manifest["shards"]])
+        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
+        for number in range(len(self.manifest["shards"])):
+            self._load(number)
+
+    def _load(self, number: int) -> dict[str, np.ndarray]:
+        if self._cache is not None and self._cache[0] == number:
+            return self._cache[1]
+        entry = self.manifest["shards"][number]
+        path = self.directory / entry["file"]
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {field: data[field] for field in FIELDS}
+        expected = np.asarray(entry["ids"], np.int64)
+        for field in FIELDS:
+            if len(arrays[field]) != len(expected):
+                raise ShardMismatchError(
+                    f"{path}: {field} has {len(arrays[field])} rows, the manifest lists "
+                    f"{len(expected)} examples; first missing id: "
+                    f"{_first_difference(expected, arrays['ids'])}"
+                )
+        if not np.array_equal(arrays["ids"], expected):
+            raise ShardMismatchError(
+                f"{path}: example ids differ from the manifest at id "
+                f"{_first_difference(expected, arrays['ids'])}"
+            )
+        self._cache = (number, arrays)
+        return arrays
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        number = int(np.searchsorted(self._starts, index, side="right") - 1)
+        arrays = self._load(number)
+        row = index - self._starts[number]
+        return {field: arrays[field][row] for field in FIELDS}
+
+    def check_aligned(self, dataset_ids: np.ndarray) -> None:
+        """Refuse shards whose examples are not the dataset's, in the dataset's order."""
+        dataset_ids = np.asarray(dataset_ids, np.int64)
+        if len(dataset_ids) != len(self.ids) or not np.array_equal(dataset_ids, self.ids):
+            raise ShardMismatchError(
+                f"embeddings in {self.directory} do not line up with the image dataset: "
+                f"{len(self.ids)} embedded vs {len(dataset_ids)} images; first mismatch at id "
+                f"{_first_difference(dataset_ids, self.ids)}"
+            )
+
+
+def _first_difference(expected: np.ndarray, found: np.ndarray) -> int | str:
+    """The first expected id that `found` does not have at the same position."""
+    for position, wanted in enumerate(expected):
+        if position >= len(found) or found[position] != wanted:
+            return int(wanted)
+    return f"(extra id {int(found[len(expected)])})" if len(found) > len(expected) else "none"
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
