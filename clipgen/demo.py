@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import clipgen
 from clipgen import images
 from clipgen.data import shapes, shapes_tfds
+from clipgen.data.files import atomic_write
 
 DEMO_DATA = shapes_tfds.ShapesConfig(
     name="demo",
@@ -29,12 +28,12 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
 )
 
 
-def run(workdir: str | Path) -> dict:
+def run(workdir: str | Path, data: shapes_tfds.ShapesConfig = DEMO_DATA) -> dict:
     """Run the demo in `workdir`; returns the report also written to report.json."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    builder = shapes_tfds.build(str(workdir / "data"), DEMO_DATA)
+    builder = shapes_tfds.build(str(workdir / "data"), data)
     minutes = {"data": (time.perf_counter() - started) / 60}
     report: dict = {"minutes": minutes, "data": {}, "oracle": {}}
     for split in ("test", "heldout"):
@@ -42,7 +41,7 @@ def run(workdir: str | Path) -> dict:
         examples = [source[i] for i in range(len(source))]
         report["data"][split] = len(examples)
         scenes = [shapes.scene_from_json(example["scene"]) for example in examples]
-        for resolution in DEMO_DATA.resolutions:
+        for resolution in data.resolutions:
             key = shapes_tfds.image_feature_name(resolution)
             pictures = [example[key] for example in examples]
             if split == "test":
@@ -55,7 +54,9 @@ def run(workdir: str | Path) -> dict:
                 report["oracle"][f"{split}_{resolution}px"] = _oracle_accuracy(pictures, scenes)
     minutes["total"] = (time.perf_counter() - started) / 60
     report["versions"] = _versions()
-    _write_json(workdir / "report.json", report)
+    atomic_write(
+        workdir / "report.json", lambda file: file.write(json.dumps(report, indent=2).encode())
+    )
     logging.info("demo report: %s", json.dumps(report["oracle"]))
     return report
 
@@ -80,10 +81,3 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def _write_json(path: Path, data: dict) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(temporary, path)

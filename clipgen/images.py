@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from clipgen.data.files import atomic_write
 
 
 def grid(
@@ -47,16 +47,6 @@ def grid(
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write `image` to `path` through a temporary file and a rename, so a reader never
-    sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(file, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `image` as a PNG, atomically."""
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return atomic_write(path, lambda file: picture.save(file, format="PNG"))

@@ -10,13 +10,13 @@ are how other implementations silently train on wrong pairs or hang.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clipgen.data.files import atomic_write
 
 FIELDS = ("ids", "image_embeds", "text_embeds", "text_tokens", "text_mask")
 MANIFEST = "manifest.json"
@@ -47,7 +47,7 @@ def write_shards(
         arrays = {field: np.concatenate(pending[field]) for field in FIELDS}
         chunk = {field: value[:count] for field, value in arrays.items()}
         name = f"shard-{len(shards):05d}.npz"
-        _atomic_write(directory / name, lambda file: np.savez(file, **chunk))
+        atomic_write(directory / name, lambda file: np.savez(file, **chunk))
         shards.append({"file": name, "ids": [int(i) for i in chunk["ids"]]})
         for field in FIELDS:
             pending[field] = [arrays[field][count:]]
@@ -66,7 +66,7 @@ def write_shards(
     if buffered:
         flush(buffered)
     manifest = dict(metadata, shards=shards, num_examples=sum(len(s["ids"]) for s in shards))
-    _atomic_write(
+    atomic_write(
         directory / MANIFEST, lambda file: file.write(json.dumps(manifest, indent=1).encode())
     )
     return directory
@@ -138,14 +138,3 @@ def _first_difference(expected: np.ndarray, found: np.ndarray) -> int | str:
         if position >= len(found) or found[position] != wanted:
             return int(wanted)
     return f"(extra id {int(found[len(expected)])})" if len(found) > len(expected) else "none"
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
