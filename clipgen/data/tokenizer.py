@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 START = "<|startoftext|>"
@@ -73,6 +74,55 @@ def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> models.BPE:
     )
 
 
+def _openai_layout_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Byte symbols, their word-final forms, one token per merge in order, start, end."""
+    symbols = list(byte_symbols().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    tokens += ["".join(merge) for merge in merges] + [START, END]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def learn_merges(texts: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
+    """BPE merges learnt from texts split as CLIP splits them: repeatedly merge the most
+    frequent adjacent pair of symbols (ties: the smallest pair), until `num_merges` or no
+    pair occurs twice."""
+    splitter = _clip_pipeline(_bpe({START: 0, END: 1}, []))
+    counts: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        normal = splitter.normalizer.normalize_str(text)
+        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normal):
+            if word not in (START, END):
+                counts[(*word[:-1], word[-1] + "</w>")] += 1
+    words = dict(counts)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        words = {_merge_pair(word, best): count for word, count in words.items()}
+    return merges
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 class Tokenizer:
     """Texts to fixed-length id arrays: [start, tokens..., end, pad...]."""
 
@@ -127,11 +177,7 @@ class Tokenizer:
         for number, merge in enumerate(merges, start=2):
             if len(merge) != 2:
                 raise ValueError(f"{path}: line {number} is not a merge of two symbols: {merge}")
-        symbols = list(byte_symbols().values())
-        tokens = symbols + [symbol + "</w>" for symbol in symbols]
-        tokens += ["".join(merge) for merge in merges] + [START, END]
-        vocab = {token: index for index, token in enumerate(tokens)}
-        return cls(_clip_pipeline(_bpe(vocab, merges)), context_length)
+        return cls(_clip_pipeline(_bpe(_openai_layout_vocab(merges), merges)), context_length)
 
     @classmethod
     def from_hf_directory(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> Tokenizer:
@@ -146,22 +192,14 @@ class Tokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int = 512, context_length: int = 32
+        cls, texts: Iterable[str], num_merges: int = 200, context_length: int = 32
     ) -> Tokenizer:
-        """A small CLIP-style BPE trained on `texts` (the demo models use one trained on
-        shapes-world captions)."""
-        backend = _clip_pipeline(
-            models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=END)
-        )
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=[START, END],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            end_of_word_suffix="</w>",
-            show_progress=False,
-        )
-        backend.train_from_iterator(texts, trainer)
-        return cls(backend, context_length)
+        """A small CLIP-style BPE learnt from `texts` (the demo models use one learnt from
+        shapes-world captions), in OpenAI's vocabulary layout. Deterministic: the most
+        frequent pair is merged first, ties going to the smallest pair, so every process
+        builds the same ids (the `tokenizers` trainer breaks ties differently per run)."""
+        merges = learn_merges(texts, num_merges)
+        return cls(_clip_pipeline(_bpe(_openai_layout_vocab(merges), merges)), context_length)
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file (the backend plus the context length)."""

@@ -44,11 +44,12 @@ def build_model(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> CLIP
 
 
 @functools.cache
-def shapes_tokenizer(vocab_size: int, context_length: int, seed: int = 0) -> Tokenizer:
-    """The demo tokenizer: a BPE trained on 5,000 training-split captions (deterministic)."""
+def shapes_tokenizer(num_merges: int, context_length: int, seed: int = 0) -> Tokenizer:
+    """The demo tokenizer: a BPE learnt from 5,000 training-split captions (the same in
+    every process)."""
     source = pipeline.ProceduralShapes((), split="train", seed=seed)
     captions = [source[i]["caption"] for i in range(5000)]
-    return Tokenizer.train(captions, vocab_size=vocab_size, context_length=context_length)
+    return Tokenizer.train(captions, num_merges=num_merges, context_length=context_length)
 
 
 def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -56,7 +57,7 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     bpe_simple_vocab .txt.gz, an HF tokenizer directory, or a clipgen tokenizer JSON."""
     name, length = config.data.tokenizer, config.data.context_length
     if name == "shapes":
-        return shapes_tokenizer(config.data.vocab_size, length, config.data.seed)
+        return shapes_tokenizer(config.data.num_merges, length, config.data.seed)
     path = Path(name)
     if path.is_dir():
         return Tokenizer.from_hf_directory(path, length)
