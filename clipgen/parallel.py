@@ -196,22 +196,19 @@ def abstract_sharded(
     return shaped, shardings
 
 
-def init_sharded(
+def init_onto(
     init_fn: Callable[..., Any],
     mesh: Mesh,
     rules: Sequence[tuple[str, Any]],
+    shardings: Any,
     *args: Any,
-    fsdp_min_size: int = 2**14,
-) -> tuple[Any, Any]:
-    """Run `init_fn(*args)` already sharded: shapes from `jax.eval_shape`, shardings from the
-    rules, then `jit(init_fn, out_shardings=...)`, so no device ever holds the whole tree.
-    Returns (tree without partitioning boxes, its shardings)."""
-    _, shardings = abstract_sharded(init_fn, mesh, rules, *args, fsdp_min_size=fsdp_min_size)
-    with jax.set_mesh(mesh):
-        tree = jax.jit(lambda *inner: nn.meta.unbox(init_fn(*inner)), out_shardings=shardings)(
+) -> Any:
+    """Run `init_fn(*args)` under jit straight onto `shardings` (from `abstract_sharded`),
+    so no device ever holds the whole tree; partitioning boxes are removed."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(lambda *inner: nn.meta.unbox(init_fn(*inner)), out_shardings=shardings)(
             *args
         )
-    return tree, shardings
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -167,10 +167,7 @@ def prepare(
         )
 
     def make_state() -> state_lib.TrainState:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jax.jit(
-                lambda seed: nn.meta.unbox(init_state(seed)), out_shardings=state_shardings
-            )(config.seed)
+        return parallel.init_onto(init_state, mesh, rules, state_shardings, config.seed)
 
     schedule = state_lib.learning_rate_schedule(config.optim)
     start = time.perf_counter()
