@@ -21,6 +21,7 @@ import clipgen
 from clipgen import images
 from clipgen.data import shapes, shapes_tfds
 from clipgen.data.files import atomic_write
+from clipgen.train import config as config_lib
 
 DEMO_DATA = shapes_tfds.ShapesConfig(
     name="demo",
@@ -30,25 +31,12 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
 )
 
 
-def load_preset(stage: str, preset: str):
-    """`configs/<stage>.py:<preset>` from the repository clipgen runs from."""
-    import importlib.util
-
-    path = Path(clipgen.__file__).parents[1] / "configs" / f"{stage}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the demo from a clipgen checkout")
-    spec = importlib.util.spec_from_file_location(f"clipgen_configs_{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def train_clip(workdir: Path, preset: str) -> dict:
     """Train (or resume) CLIP in workdir/clip and score it."""
     from clipgen.train import clip as clip_stage
     from clipgen.train import loop
 
-    config = load_preset("clip", preset)
+    config = config_lib.load_preset("clip", preset)
     stage = clip_stage.make_stage(config)
     state = loop.train(config, workdir / "clip", stage)
     return {"steps": int(state.step), "retrieval": stage.evaluate(state)}

@@ -121,6 +121,11 @@ class EmbeddingShards:
         row = index - self._starts[number]
         return {field: arrays[field][row] for field in FIELDS}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every field of every example, concatenated in order (checked shard by shard)."""
+        parts = [self._load(number) for number in range(len(self.manifest["shards"]))]
+        return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
+
     def check_aligned(self, dataset_ids: np.ndarray) -> None:
         """Refuse shards whose examples are not the dataset's, in the dataset's order."""
         dataset_ids = np.asarray(dataset_ids, np.int64)

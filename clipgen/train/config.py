@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 from ml_collections import config_dict
 
+import clipgen
 from clipgen import parallel
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -39,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.decay_steps = config.get_ref("total_steps")
     config.optim.final_lr_fraction = 0.0
     config.optim.ema_decays = (0.9999,)
+    config.optim.frozen = ()  # regexes over "/"-joined parameter paths never to update
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 1000
@@ -87,3 +92,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f"config.mesh: sizes >= 1 and at most one -1; got {dict(config.mesh)}")
     if problems:
         raise ValueError("bad config:\n  " + "\n  ".join(problems))
+
+
+def load_preset(stage: str, preset: str):
+    """`configs/<stage>.py:<preset>` from the repository clipgen runs from."""
+    path = Path(clipgen.__file__).parents[1] / "configs" / f"{stage}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the demo from a clipgen checkout")
+    spec = importlib.util.spec_from_file_location(f"clipgen_configs_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)

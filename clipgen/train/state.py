@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,9 +59,33 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
     raise ValueError(f"config.optim.schedule: unknown {optim.schedule!r}; use cosine or constant")
 
 
+def frozen_labels(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
+    """params -> a tree of "frozen" / "trained" labels: a parameter is frozen when its
+    "/"-joined path (e.g. "clip_std" or "encoder/block_0/attn/query/kernel") fully matches
+    one of the regular expressions."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+
+    def labels(params: Any) -> Any:
+        def label(path, _) -> str:
+            name = "/".join(str(key.key) for key in path if hasattr(key, "key"))
+            return "frozen" if any(p.fullmatch(name) for p in compiled) else "trained"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return labels
+
+
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay on kernels (arrays of rank >= 2) only, after
-    global-norm gradient clipping."""
+    global-norm gradient clipping. Parameters matching `optim.frozen` (regular expressions
+    over "/"-joined paths) are never updated: data statistics stored as parameters, or the
+    parts of a model that fine-tuning leaves alone."""
+    frozen = tuple(optim.get("frozen", ()))
+    if frozen:
+        trained = make_optimizer(ml_collections.ConfigDict(dict(optim.to_dict(), frozen=())))
+        return optax.multi_transform(
+            {"trained": trained, "frozen": optax.set_to_zero()}, frozen_labels(frozen)
+        )
     transforms = []
     if optim.grad_clip and optim.grad_clip > 0:
         transforms.append(optax.clip_by_global_norm(optim.grad_clip))
