@@ -1,0 +1,119 @@
+"""Diffusion-prior weights from diffusers (`PriorTransformer.save_pretrained`: config.json and
+diffusion_pytorch_model.safetensors), read into clipgen's `PriorTransformer` params.
+
+Loading is strict: every checkpoint tensor must land in a clipgen parameter and every
+parameter must be filled, with matching shapes; otherwise a ValueError names the keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clipgen.models.prior import (
+    PriorConfig,
+    PriorTransformer,
+    init_prior,
+    prior_config_from_diffusers,
+)
+from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _diffusers_rules(cfg: PriorConfig) -> list[Rule]:
+    rules = [
+        *linear_rules("time_embedding.linear_1", ("time_embed_in",)),
+        *linear_rules("time_embedding.linear_2", ("time_embed_out",)),
+        *linear_rules("proj_in", ("noisy_embed_proj",)),
+        *linear_rules("embedding_proj", ("text_embed_proj",)),
+        Rule("positional_embedding", "copy", (("position_embed",),)),
+        *norm_rules("norm_out", ("output_norm",)),
+        *linear_rules("proj_to_clip_embeddings", ("output_proj",)),
+        Rule("clip_mean", "copy", (("clip_mean",),)),
+        Rule("clip_std", "copy", (("clip_std",),)),
+    ]
+    if cfg.embedding_proj_norm_type is not None:
+        rules += norm_rules("embedding_proj_norm", ("text_embed_norm",))
+    if cfg.encoder_hid_proj_type is not None:
+        rules += linear_rules("encoder_hidden_states_proj", ("text_tokens_proj",))
+    if cfg.added_emb_type is not None:
+        rules.append(Rule("prd_embedding", "copy", (("query_embed",),)))
+    if cfg.norm_in_type is not None:
+        rules += norm_rules("norm_in", ("input_norm",))
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer_blocks.{i}.", (f"block_{i}",)
+        rules += [
+            *norm_rules(f"{src}norm1", dst + ("attn_norm",)),
+            *linear_rules(f"{src}attn1.to_q", dst + ("attn", "query")),
+            *linear_rules(f"{src}attn1.to_k", dst + ("attn", "key")),
+            *linear_rules(f"{src}attn1.to_v", dst + ("attn", "value")),
+            *linear_rules(f"{src}attn1.to_out.0", dst + ("attn", "out")),
+            *norm_rules(f"{src}norm3", dst + ("mlp_norm",)),
+            *linear_rules(f"{src}ff.net.0.proj", dst + ("mlp", "fc1")),
+            *linear_rules(f"{src}ff.net.2", dst + ("mlp", "fc2")),
+        ]
+    return rules
+
+
+def _read_weights(path: Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint's tensors (one file, or the shards an index names) and their source."""
+    single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return read_safetensors(single), str(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, Any] = {}
+        for shard in shards:
+            tensors.update(read_safetensors(path / shard))
+        return tensors, str(index)
+    others = sorted(p.name for p in path.glob("diffusion_pytorch_model*"))
+    hint = (
+        f" (found {', '.join(others)}: clipgen reads safetensors only; re-save with "
+        "save_pretrained(..., safe_serialization=True))"
+        if others
+        else ""
+    )
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
+
+
+def load_prior(
+    path: str | Path, dtype: Any = jnp.float32
+) -> tuple[PriorTransformer, dict[str, Any]]:
+    """(module, params) from a diffusers `PriorTransformer` directory (the one holding
+    config.json, e.g. a pipeline's `prior/`); params are plain float32 arrays.
+
+    `module.apply(params, hidden_states, timestep, proj_embedding, encoder_hidden_states,
+    attention_mask)` then returns diffusers' `predicted_image_embedding`, and
+    `module.apply(params, x, method=PriorTransformer.post_process_latents)` its
+    `post_process_latents(x)`.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json (expected a save_pretrained directory)")
+    config = json.loads(config_path.read_text())
+    class_name = config.get("_class_name", "PriorTransformer")
+    if class_name != "PriorTransformer":
+        raise ValueError(
+            f"{config_path} describes a {class_name}, not a PriorTransformer (for a pipeline, "
+            "pass its prior/ subfolder)"
+        )
+    module = PriorTransformer(prior_config_from_diffusers(config), dtype=dtype)
+    tensors, source = _read_weights(path)
+    abstract = jax.eval_shape(lambda rng: nn.meta.unbox(init_prior(module, rng)), jax.random.key(0))
+    params = fill_params(
+        abstract["params"],
+        _diffusers_rules(module.config),
+        tensors,
+        lambda key: False,
+        source,
+        f"PriorTransformer({module.config})",
+    )
+    return module, params
