@@ -15,12 +15,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 STAMP=.venv/.clipgen-install-$1
-WANT="$(cat setup.py | sha256sum | cut -c1-16)"
+WANT="$(cat setup.py launch/_venv.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "== installing clipgen[$1] into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
   if [ "$1" = test ]; then spec='.[test]'; else spec='.'; fi
   .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+  if [ "$1" = test ]; then
+    # The FID parity tests compare with torch-fidelity, whose metadata demands torchvision
+    # (which breaks beside this torch); the modules they use import without it.
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps torch-fidelity==0.4.0
+  fi
   echo "$WANT" >"$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,5 +1,13 @@
 """Converters from public checkpoint formats into clipgen params."""
 
 from clipgen.weights.clip import clip_config_from_hf, load_clip, load_openai_clip
+from clipgen.weights.inception import load_inception
+from clipgen.weights.prior import load_prior
 
-__all__ = ["clip_config_from_hf", "load_clip", "load_openai_clip"]
+__all__ = [
+    "clip_config_from_hf",
+    "load_clip",
+    "load_inception",
+    "load_openai_clip",
+    "load_prior",
+]
