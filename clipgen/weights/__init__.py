@@ -3,6 +3,7 @@
 from clipgen.weights.clip import clip_config_from_hf, load_clip, load_openai_clip
 from clipgen.weights.inception import load_inception
 from clipgen.weights.prior import load_prior
+from clipgen.weights.unet import load_unet
 
 __all__ = [
     "clip_config_from_hf",
@@ -10,4 +11,5 @@ __all__ = [
     "load_inception",
     "load_openai_clip",
     "load_prior",
+    "load_unet",
 ]

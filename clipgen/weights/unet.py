@@ -1,0 +1,517 @@
+"""Karlo's UNets from diffusers directories (`save_pretrained`: config.json and
+diffusion_pytorch_model.safetensors) into clipgen modules.
+
+- `UNet2DConditionModel` (Karlo's decoder), together with the `UnCLIPTextProjModel` directory
+  beside it, becomes a `Decoder` reading frozen CLIP text encodings.
+- `UNet2DModel` (Karlo's `super_res_first` / `super_res_last`) becomes an `Upsampler` with
+  diffusers' bicubic resize when its input holds an image and a low-resolution image
+  (in_channels = 2 x image channels), otherwise a plain `UNet`.
+
+Call convention (clipgen is NHWC, diffusers NCHW). Where the UnCLIP pipeline calls
+    hidden, time_add = text_proj(image_embeddings=e, prompt_embeds=p,
+                                 text_encoder_hidden_states=h, do_classifier_free_guidance=cfg)
+    decoder(sample=x, timestep=t, encoder_hidden_states=hidden, class_labels=time_add,
+            attention_mask=F.pad(text_mask, (4, 0), value=True))
+clipgen calls `Decoder.apply(params, x.permute(0, 2, 3, 1), t, e, h, text_mask, p,
+drop_image=...)` and gets `out.permute(0, 2, 3, 1)`: the text_proj step happens inside, and the
+pipeline's guidance batch (null image embedding first, then e) is `image_embed` = [e, e] with
+`drop_image` = [True..., False...]. Where the pipeline calls
+    super_res(sample=torch.cat([x, interpolate(low, bicubic, antialias=True)], 1), timestep=t)
+clipgen calls `Upsampler.apply(params, x_nhwc, t, low_nhwc)`, which does the resize itself.
+
+Loading is strict: every tensor must land in a parameter and every parameter be filled, with
+matching shapes, and any configuration value clipgen cannot express raises a ValueError
+naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
+from clipgen.models.unet import UNet, UNetConfig, init_unet
+from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
+from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+_RESNET_DOWN, _RESNET_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
+_ATTENTION_DOWN, _ATTENTION_UP = "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D"
+
+# Fields with no effect on these block types (or on float32 numerics).
+# diffusers' defaults for the structural fields a config may leave out.
+_DECODER_DEFAULTS = {
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+}
+_SUPER_RES_DEFAULTS = {
+    "down_block_types": ["DownBlock2D"] + ["AttnDownBlock2D"] * 3,
+    "up_block_types": ["AttnUpBlock2D"] * 3 + ["UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896],
+}
+
+_DECODER_IGNORED = {
+    "sample_size",
+    "downsample_padding",
+    "transformer_layers_per_block",
+    "reverse_transformer_layers_per_block",
+    "dual_cross_attention",
+    "use_linear_projection",
+    "upcast_attention",
+    "attention_type",
+    "addition_time_embed_dim",
+    "addition_embed_type_num_heads",
+    "projection_class_embeddings_input_dim",
+}
+# Fields that must hold one of these values (absent fields take diffusers' default, first).
+_DECODER_FIXED = {
+    "center_input_sample": (False,),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",),
+    "mid_block_scale_factor": (1,),
+    "act_fn": ("silu", "swish"),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "class_embed_type": ("identity",),
+    "addition_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "resnet_time_scale_shift": ("default", "scale_shift"),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+}
+_DECODER_USED = {
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "dropout",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "time_embedding_dim",
+}
+
+_SUPER_RES_IGNORED = {
+    "sample_size",
+    "downsample_padding",
+    "downsample_type",
+    "upsample_type",
+    "num_train_timesteps",
+}
+_SUPER_RES_FIXED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "freq_shift": (0,),
+    "flip_sin_to_cos": (True,),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1,),
+    "act_fn": ("silu", "swish"),
+    "resnet_time_scale_shift": ("default", "scale_shift"),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+}
+_SUPER_RES_USED = {
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "dropout",
+    "attention_head_dim",
+    "norm_num_groups",
+    "attn_norm_num_groups",
+    "norm_eps",
+    "add_attention",
+    "time_embedding_dim",
+}
+
+_TEXT_PROJ_FIELDS = {
+    "clip_extra_context_tokens",
+    "clip_embeddings_dim",
+    "time_embed_dim",
+    "cross_attention_dim",
+}
+
+# diffusers' UnCLIPTextProjModel -> clipgen's Decoder "conditioning".
+_CONDITIONING_RULES = [
+    Rule("learned_classifier_free_guidance_embeddings", "copy", (("null_image_embed",),)),
+    *linear_rules("clip_image_embeddings_project_to_time_embeddings", ("image_to_time",)),
+    *linear_rules("embedding_proj", ("text_to_time",)),
+    *linear_rules("clip_extra_context_tokens_proj", ("image_to_tokens",)),
+    *linear_rules("encoder_hidden_states_proj", ("text_to_tokens",)),
+    *norm_rules("text_encoder_hidden_states_norm", ("text_norm",)),
+]
+
+# clipgen UNet module names -> diffusers module names.
+_UNET_TOP_LEVEL = {
+    "time_embed_1": "time_embedding.linear_1",
+    "time_embed_2": "time_embedding.linear_2",
+    "conv_in": "conv_in",
+    "mid_res0": "mid_block.resnets.0",
+    "mid_attn": "mid_block.attentions.0",
+    "mid_res1": "mid_block.resnets.1",
+    "norm_out": "conv_norm_out",
+    "conv_out": "conv_out",
+}
+_UNET_BLOCK = re.compile(r"(down|up)(\d+)_(res|attn|resample)(\d*)")
+_UNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "emb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "skip": "conv_shortcut",
+    "norm": "group_norm",
+    "query": "to_q",
+    "key": "to_k",
+    "value": "to_v",
+    "encoder_key": "add_k_proj",
+    "encoder_value": "add_v_proj",
+    "out": "to_out.0",
+}
+
+
+# --- configs -------------------------------------------------------------------------------
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no config.json (expected a diffusers save_pretrained directory)"
+        )
+    return json.loads(config_path.read_text())
+
+
+def _check_fields(
+    config: dict[str, Any],
+    used: set[str],
+    fixed: dict[str, tuple],
+    ignored: set[str],
+    source: str,
+) -> None:
+    unknown = sorted(
+        key for key in config if not key.startswith("_") and key not in used | set(fixed) | ignored
+    )
+    if unknown:
+        raise ValueError(f"{source}: config fields clipgen does not know: {', '.join(unknown)}")
+    for field, allowed in fixed.items():
+        value = config.get(field, allowed[0])
+        if value not in allowed:
+            raise ValueError(
+                f"{source}: unsupported {field}={value!r}; clipgen supports {list(allowed)}"
+            )
+
+
+def _uniform(config: dict[str, Any], field: str, default: Any, levels: int, source: str) -> Any:
+    """A field diffusers allows per level, required to be one value for all levels."""
+    value = config.get(field, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels or len(set(value)) != 1:
+            raise ValueError(
+                f"{source}: {field}={value!r} varies by level; clipgen needs one value for all "
+                f"{levels} levels"
+            )
+        value = value[0]
+    return value
+
+
+def _channels(config: dict[str, Any], source: str) -> tuple[int, tuple[int, ...]]:
+    """(base channels, channel_mult) from block_out_channels."""
+    block_out = [int(c) for c in config["block_out_channels"]]
+    if any(c % block_out[0] for c in block_out):
+        raise ValueError(
+            f"{source}: block_out_channels {block_out} are not multiples of the first; "
+            "clipgen's UNet needs integer channel multipliers"
+        )
+    return block_out[0], tuple(c // block_out[0] for c in block_out)
+
+
+def _unet_config(source: str, **fields: Any) -> UNetConfig:
+    try:
+        return UNetConfig(**fields)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def decoder_config_from_diffusers(
+    unet_config: dict[str, Any], text_proj_config: dict[str, Any], source: str = "config.json"
+) -> DecoderConfig:
+    """A clipgen DecoderConfig from the config.json dicts of a Karlo-style
+    `UNet2DConditionModel` and its `UnCLIPTextProjModel`."""
+    _check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
+    cfg = {**_DECODER_DEFAULTS, **unet_config}
+    down = list(cfg["down_block_types"])
+    up = list(cfg["up_block_types"])
+    levels = len(down)
+    if len(up) != levels or len(cfg["block_out_channels"]) != levels:
+        raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
+    for field, blocks, allowed in (
+        ("down_block_types", down, (_RESNET_DOWN, _ATTENTION_DOWN)),
+        ("up_block_types", up, (_RESNET_UP, _ATTENTION_UP)),
+    ):
+        for block in blocks:
+            if block not in allowed:
+                raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed}")
+    attended = [level for level in range(levels) if down[level] == _ATTENTION_DOWN]
+    mirrored = [level for level in range(levels) if up[levels - 1 - level] == _ATTENTION_UP]
+    if attended != mirrored:
+        raise ValueError(
+            f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
+            "UNet attends at the same resolutions on both paths"
+        )
+    if _uniform(cfg, "only_cross_attention", False, levels, source):
+        raise ValueError(f"{source}: unsupported only_cross_attention=True")
+    layers = _uniform(cfg, "layers_per_block", 2, levels, source)
+    head_dim = _uniform(cfg, "attention_head_dim", 8, levels, source)
+    cross_dim = _uniform(cfg, "cross_attention_dim", 1280, levels, source)
+    groups = cfg.get("norm_num_groups", 32)
+    eps = cfg.get("norm_eps", 1e-5)
+    if groups is None:
+        raise ValueError(f"{source}: unsupported norm_num_groups=None")
+    if head_dim is None:
+        raise ValueError(f"{source}: unsupported attention_head_dim=None")
+    if eps != 1e-5:
+        # diffusers' simple cross-attention layers normalise with eps 1e-5 whatever norm_eps says.
+        raise ValueError(f"{source}: unsupported norm_eps={eps}; clipgen supports 1e-05")
+    channels, mult = _channels(cfg, source)
+    for level in [*attended, levels - 1]:
+        width = channels * mult[level]
+        if width % head_dim:
+            raise ValueError(
+                f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
+            )
+    unet = _unet_config(
+        source,
+        in_channels=cfg.get("in_channels", 4),
+        out_channels=cfg.get("out_channels", 4),
+        channels=channels,
+        channel_mult=mult,
+        num_res_blocks=layers,
+        attention_resolutions=tuple(2**level for level in attended),
+        mid_attention=True,
+        head_channels=head_dim,
+        dropout=cfg.get("dropout", 0.0),
+        resblock_updown=True,
+        use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+        norm_groups=groups,
+        norm_eps=eps,
+        attention_norm=True,
+        encoder_dim=cross_dim,
+        time_embed_dim=cfg.get("time_embedding_dim"),
+    )
+
+    proj = text_proj_config
+    _check_fields(proj, _TEXT_PROJ_FIELDS, {}, set(), f"{source} (text_proj)")
+    for field, expected in (
+        ("time_embed_dim", unet.embed_dim),
+        ("cross_attention_dim", cross_dim),
+    ):
+        if proj.get(field) != expected:
+            raise ValueError(
+                f"text_proj config: {field}={proj.get(field)!r} does not match the decoder "
+                f"UNet's {expected}"
+            )
+    clip_dim = proj.get("clip_embeddings_dim", 768)
+    return DecoderConfig(
+        unet=unet,
+        clip_embed_dim=clip_dim,
+        clip_extra_tokens=proj.get("clip_extra_context_tokens", 4),
+        text_width=clip_dim,
+        text_embed_dim=clip_dim,
+    )
+
+
+def super_res_config_from_diffusers(
+    config: dict[str, Any], source: str = "config.json"
+) -> UNetConfig:
+    """A clipgen UNetConfig from the config.json dict of a Karlo-style `UNet2DModel`."""
+    _check_fields(config, _SUPER_RES_USED, _SUPER_RES_FIXED, _SUPER_RES_IGNORED, source)
+    cfg = {**_SUPER_RES_DEFAULTS, **config}
+    for field, allowed in (("down_block_types", _RESNET_DOWN), ("up_block_types", _RESNET_UP)):
+        for block in cfg[field]:
+            if block != allowed:
+                raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed!r}")
+    levels = len(cfg["down_block_types"])
+    if len(cfg["up_block_types"]) != levels or len(cfg["block_out_channels"]) != levels:
+        raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
+    channels, mult = _channels(cfg, source)
+    groups = cfg.get("norm_num_groups", 32)
+    if groups is None:
+        raise ValueError(f"{source}: unsupported norm_num_groups=None")
+    scale_shift = cfg.get("resnet_time_scale_shift", "default") == "scale_shift"
+    mid_attention = bool(cfg.get("add_attention", True))
+    # diffusers' middle attention has a GroupNorm only with the "default" time embedding norm,
+    # unless attn_norm_num_groups names one.
+    attention_groups = cfg.get("attn_norm_num_groups")
+    if attention_groups not in (None, groups):
+        raise ValueError(
+            f"{source}: unsupported attn_norm_num_groups={attention_groups}; clipgen supports "
+            f"None or norm_num_groups ({groups})"
+        )
+    attention_norm = attention_groups is not None or not scale_shift
+    width = channels * mult[-1]
+    head_dim = cfg.get("attention_head_dim", 8) or width
+    if mid_attention and width % head_dim:
+        raise ValueError(
+            f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
+        )
+    return _unet_config(
+        source,
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        channels=channels,
+        channel_mult=mult,
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        attention_resolutions=(),
+        mid_attention=mid_attention,
+        head_channels=head_dim,
+        dropout=cfg.get("dropout", 0.0),
+        resblock_updown=True,
+        use_scale_shift_norm=scale_shift,
+        norm_groups=groups,
+        norm_eps=cfg.get("norm_eps", 1e-5),
+        attention_norm=attention_norm,
+        encoder_dim=None,
+        time_embed_dim=cfg.get("time_embedding_dim"),
+    )
+
+
+# --- name maps ----------------------------------------------------------------------------
+
+
+def _diffusers_module(name: str, levels: int) -> str:
+    if name in _UNET_TOP_LEVEL:
+        return _UNET_TOP_LEVEL[name]
+    match = _UNET_BLOCK.fullmatch(name)
+    if match is None:
+        raise AssertionError(f"clipgen UNet module {name!r} has no diffusers name")
+    path, level, kind, index = match.groups()
+    block = int(level) if path == "down" else levels - 1 - int(level)
+    if kind == "resample":
+        return f"{path}_blocks.{block}.{path}samplers.0"
+    return f"{path}_blocks.{block}.{'resnets' if kind == 'res' else 'attentions'}.{index}"
+
+
+def unet_rules(abstract_params: dict[str, Any], levels: int) -> list[Rule]:
+    """Rules from a diffusers UNet state dict to the clipgen UNet parameters given (a tree of
+    arrays or shape structs, e.g. from `jax.eval_shape`) with `levels` resolution levels."""
+    modules: dict[tuple[str, ...], dict[str, Any]] = {}
+    for path, leaf in traverse_util.flatten_dict(abstract_params).items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    rules: list[Rule] = []
+    for path, leaves in modules.items():
+        key = ".".join([_diffusers_module(path[0], levels), *(_UNET_PARTS[p] for p in path[1:])])
+        if "scale" in leaves:
+            rules += norm_rules(key, path)
+        elif len(leaves["kernel"].shape) == 4:
+            rules += [
+                Rule(f"{key}.weight", "conv", (path + ("kernel",),)),
+                Rule(f"{key}.bias", "copy", (path + ("bias",),)),
+            ]
+        else:
+            rules += linear_rules(key, path)
+    return rules
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _abstract_params(init_fn: Any) -> dict[str, Any]:
+    abstract = jax.eval_shape(lambda rng: nn.meta.unbox(init_fn(rng)), jax.random.key(0))
+    return abstract["params"]
+
+
+def _fill_unet(abstract: dict[str, Any], cfg: UNetConfig, weights: Path) -> dict[str, Any]:
+    rules = unet_rules(abstract, len(cfg.channel_mult))
+    tensors = read_safetensors(weights)
+    return fill_params(abstract, rules, tensors, lambda key: False, str(weights), f"UNet {cfg}")[
+        "params"
+    ]
+
+
+def load_unet(
+    path: str | Path,
+    dtype: Any = jnp.float32,
+    text_proj_path: str | Path | None = None,
+) -> tuple[Decoder | Upsampler | UNet, dict[str, Any]]:
+    """(module, params) from a diffusers UNet directory; params are plain float32 arrays.
+
+    `UNet2DConditionModel` -> `Decoder`, its conditioning read from `text_proj_path`
+    (default: the sibling directory `text_proj`, as in a Karlo pipeline folder);
+    `UNet2DModel` -> `Upsampler` (bicubic resize) when in_channels is twice the image
+    channels (out_channels or half of it), else `UNet`. See the module docstring for the
+    call convention."""
+    path = Path(path)
+    config = _read_config(path)
+    class_name = config.get("_class_name")
+    source = str(path / "config.json")
+    weights = path / WEIGHTS_NAME
+
+    if class_name == "UNet2DConditionModel":
+        proj_dir = Path(text_proj_path) if text_proj_path is not None else path.parent / "text_proj"
+        if not (proj_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the decoder at {path} needs its UnCLIPTextProjModel: no config.json in "
+                f"{proj_dir}; pass text_proj_path"
+            )
+        proj_config = _read_config(proj_dir)
+        if proj_config.get("_class_name", "UnCLIPTextProjModel") != "UnCLIPTextProjModel":
+            raise ValueError(f"{proj_dir}/config.json is a {proj_config['_class_name']}")
+        decoder_config = decoder_config_from_diffusers(config, proj_config, source)
+        module = Decoder(decoder_config, dtype)
+        size = decoder_config.unet.downsampling
+        abstract = _abstract_params(lambda rng: init_decoder(module, rng, size))
+        unet_params = _fill_unet(abstract["unet"], decoder_config.unet, weights)
+        proj_weights = proj_dir / WEIGHTS_NAME
+        conditioning = fill_params(
+            abstract["conditioning"],
+            _CONDITIONING_RULES,
+            read_safetensors(proj_weights),
+            lambda key: False,
+            str(proj_weights),
+            "Decoder conditioning (UnCLIPTextProjModel)",
+        )["params"]
+        return module, {"params": {"unet": unet_params, "conditioning": conditioning}}
+
+    if class_name == "UNet2DModel":
+        unet_config = super_res_config_from_diffusers(config, source)
+        size = unet_config.downsampling
+        half = unet_config.in_channels // 2
+        if unet_config.in_channels % 2 == 0 and unet_config.out_channels in (half, 2 * half):
+            module = Upsampler(UpsamplerConfig(unet_config, resize="bicubic"), dtype)
+            abstract = _abstract_params(lambda rng: init_upsampler(module, rng, size, size))
+            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet_config, weights)}}
+        module = UNet(unet_config, dtype)
+        abstract = _abstract_params(lambda rng: init_unet(module, rng, size))
+        return module, {"params": _fill_unet(abstract, unet_config, weights)}
+
+    raise ValueError(
+        f"{source}: _class_name {class_name!r} is not a UNet clipgen loads; expected "
+        "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution)"
+    )
