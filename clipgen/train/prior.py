@@ -85,11 +85,12 @@ def load_split(directory: Path, normalize: bool) -> dict[str, np.ndarray]:
     }
 
 
-def synthetic_split(config: ml_collections.ConfigDict, count: int, seed: int) -> dict:
-    """Random unit embeddings and token encodings of config.model's shapes (benchmarks)."""
-    model = config.model
+def synthetic_split(
+    count: int, seed: int, dim: int, length: int, token_dim: int
+) -> dict[str, np.ndarray]:
+    """Random unit embeddings (dim) and token encodings (length x token_dim), for
+    benchmarks and tests; ids 0..count-1."""
     rng = np.random.default_rng(seed)
-    dim, length = model.embedding_dim, model.num_text_tokens
 
     def unit(shape):
         x = rng.standard_normal(shape).astype(np.float32)
@@ -100,9 +101,7 @@ def synthetic_split(config: ml_collections.ConfigDict, count: int, seed: int) ->
         "ids": np.arange(count),
         "image_embeds": unit((count, dim)),
         "text_embed": unit((count, dim)),
-        "text_tokens": rng.standard_normal((count, length, model.text_token_dim)).astype(
-            np.float32
-        ),
+        "text_tokens": rng.standard_normal((count, length, token_dim)).astype(np.float32),
         "text_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
     }
 
@@ -110,7 +109,14 @@ def synthetic_split(config: ml_collections.ConfigDict, count: int, seed: int) ->
 def training_split(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The training embeddings (written first if need be), checked against config.model."""
     if config.data.embeddings == "synthetic":
-        return synthetic_split(config, int(config.data.num_examples["train"]), config.data.seed)
+        model = config.model
+        return synthetic_split(
+            int(config.data.num_examples["train"]),
+            config.data.seed,
+            model.embedding_dim,
+            model.num_text_tokens,
+            model.text_token_dim,
+        )
     ensure_embeddings(config, ("train", *config.eval.splits))
     train = load_split(embedding_dir(config, "train"), config.data.normalize)
     check_dimensions(config, train)

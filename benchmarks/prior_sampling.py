@@ -1,0 +1,85 @@
+"""Prior sampling benchmark: one compiled program draws image embeddings for a batch of
+captions (respaced steps, classifier-free guidance, best-of-N), on random weights.
+
+  python benchmarks/prior_sampling.py [--config=configs/prior.py:bench] [--captions=32]
+      [--steps=64] [--guidance=4.0] [--best-of=1] [--repeats=3]
+
+Prints one JSON line: compile seconds, median run seconds, XLA's FLOPs for the program and
+MFU against the float32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from clipgen.cli import load_config
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--captions", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--best-of", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args, config_args = parser.parse_known_args(argv)
+    config = load_config(config_args or ["--config=configs/prior.py:bench"])
+
+    import jax
+    from flax import linen as nn
+
+    from benchmarks.train_step import matmul_peak_flops, step_flops
+    from clipgen.pipelines.prior import sample_prior
+    from clipgen.train import prior as prior_stage
+
+    module = prior_stage.build_model(config)
+    params = nn.meta.unbox(prior_stage.init_prior(module, jax.random.key(0)))["params"]
+    model = config.model
+    data = prior_stage.synthetic_split(
+        args.captions, 1, model.embedding_dim, model.num_text_tokens, model.text_token_dim
+    )
+    cond = {k: data[k] for k in prior_stage.CONDITION_FIELDS}
+    diffusion = prior_stage.build_diffusion(config, str(args.steps))
+
+    def draw(params, cond, rng):
+        return sample_prior(
+            module, params, diffusion, cond, rng, guidance_scale=args.guidance,
+            best_of=args.best_of, method="ddpm",
+        )  # fmt: skip
+
+    start = time.perf_counter()
+    compiled = jax.jit(draw).lower(params, cond, jax.random.key(2)).compile()
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for repeat in range(args.repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, cond, jax.random.key(repeat)))
+        if repeat:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    flops = step_flops(compiled)
+    peak = matmul_peak_flops()
+    result = {
+        "benchmark": "prior_sampling",
+        "config": " ".join(config_args) or "configs/prior.py:bench",
+        "captions": args.captions,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "best_of": args.best_of,
+        "compile_s": round(compile_seconds, 3),
+        "run_s_median": round(median, 4),
+        "program_gflop": round(flops / 1e9, 3),
+        "achieved_gflops": round(flops / median / 1e9, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 2),
+        "mfu": round(flops / median / peak, 4),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

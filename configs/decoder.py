@@ -1,0 +1,140 @@
+"""Decoder: CLIP image embedding (+ frozen CLIP text encodings) -> image (unCLIP 2.1).
+
+Presets (`--config=configs/decoder.py:<preset>`):
+  tiny   a few steps of a very small UNet on synthetic embeddings, for tests;
+  demo   the shapes world on one CPU: a 16 px decoder over the demo CLIP's embeddings (the
+         cascade's base resolution scaled down from 64 px; its structure stays);
+  bench  the benchmark shape: 64 px, base width 64, multipliers (1, 2, 3, 4), attention
+         at 16 and 8 px, 77 x 512 text encodings, batch 8, learned variance, float32;
+  paper  the 64 px decoder: GLIDE's UNet, 512 channels, 3 blocks, (1, 2, 3, 4), attention
+         at 32, 16 and 8 px, learned sigma, cosine schedule (Table 3).
+"""
+
+from clipgen.train import config as config_lib
+
+
+def get_config(arg: str | None = None):
+    preset = arg or "demo"
+    config = config_lib.base_config()
+    config.stage = "decoder"
+    config.model.dtype = "float32"
+    config.model.clip_embed_dim = 64
+    config.model.clip_extra_tokens = 4
+    config.model.text_width = 128
+    config.model.num_text_tokens = 24
+    config.model.unet = dict(
+        in_channels=3,
+        out_channels=6,  # learned variance
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2, 4),
+        head_channels=32,
+        dropout=0.0,
+        norm_groups=8,
+        encoder_dim=64,
+        remat=False,
+    )
+    config.diffusion = dict(
+        schedule="cosine", timesteps=1000, prediction="eps", variance="learned_range"
+    )
+    config.sample = dict(respacing="50", method="ddpm", guidance_scale=3.0)
+
+    # Embedding shards as the prior's (train/, test/, heldout/ written by `clipgen embed`,
+    # or made here with the CLIP run in clip_workdir), or "synthetic" for tests/benchmarks.
+    config.data.embeddings = "workdir/demo/embeddings"
+    config.data.clip_workdir = "workdir/demo/clip"
+    config.data.clip_preset = "demo"
+    config.data.num_examples = dict(train=20000, test=500, heldout=500)
+    config.data.resolution = 16
+    config.data.seed = 0
+    config.data.drop_image = 0.1
+    config.data.drop_text = 0.5
+
+    config.eval.splits = ("test", "heldout")
+    config.eval.num_examples = 200
+    config.eval.batch_size = 200
+    config.eval.use_ema = True
+    config.eval.seed = 0
+    config.eval.oracle_resolution = 64
+
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 100
+    config.optim.ema_decays = (0.995,)
+    config.batch_size = 64
+    config.total_steps = 2500
+    config.log_every = 50
+    config.eval_every = 2500
+    config.preview_every = 500
+    config.checkpoint.every = 500
+
+    if preset == "tiny":
+        config.model.clip_embed_dim = 16
+        config.model.text_width = 32
+        config.model.num_text_tokens = 6
+        config.model.unet.update(channels=16, channel_mult=(1, 2), attention_resolutions=(2,))
+        config.model.unet.update(head_channels=16, norm_groups=4, encoder_dim=16)
+        config.data.embeddings = "synthetic"
+        config.data.num_examples = dict(train=64)
+        config.sample.respacing = "4"
+        config.batch_size = 8
+        config.total_steps = 4
+        config.log_every = 2
+        config.eval_every = 0
+        config.preview_every = 0
+        config.checkpoint.every = 2
+        config.optim.warmup_steps = 1
+    elif preset == "bench":
+        config.model.clip_embed_dim = 512
+        config.model.text_width = 512
+        config.model.num_text_tokens = 77
+        config.model.unet.update(
+            channels=64,
+            channel_mult=(1, 2, 3, 4),
+            num_res_blocks=2,
+            attention_resolutions=(4, 8),
+            head_channels=64,
+            norm_groups=32,
+            encoder_dim=512,
+        )
+        config.data.embeddings = "synthetic"
+        config.data.num_examples = dict(train=256)
+        config.data.resolution = 64
+        config.batch_size = 8
+        config.eval_every = 0
+        config.preview_every = 0
+    elif preset == "paper":
+        config.model.clip_embed_dim = 1024
+        config.model.text_width = 1024
+        config.model.num_text_tokens = 77
+        config.model.dtype = "bfloat16"
+        config.model.unet.update(
+            channels=512,
+            channel_mult=(1, 2, 3, 4),
+            num_res_blocks=3,
+            attention_resolutions=(2, 4, 8),
+            head_channels=64,
+            norm_groups=32,
+            encoder_dim=2048,
+            dropout=0.1,
+            remat=True,
+        )
+        config.data.embeddings = "embeddings"
+        config.data.clip_workdir = ""
+        config.data.resolution = 64
+        config.sample.respacing = "250"
+        config.sample.guidance_scale = 8.0
+        config.optim.lr = 1.2e-4
+        config.optim.ema_decays = (0.9999,)
+        config.optim.warmup_steps = 10_000
+        config.batch_size = 2048
+        config.total_steps = 800_000
+        config.mesh = dict(data=-1, fsdp=8, tensor=1)
+        config.checkpoint.every = 5000
+        config.eval_every = 10_000
+        config.preview_every = 5000
+    elif preset != "demo":
+        raise ValueError(
+            f"configs/decoder.py: unknown preset {preset!r} (tiny, demo, bench, paper)"
+        )
+    return config

@@ -1,0 +1,105 @@
+"""The first upsampler (unCLIP: 64 -> 256, gaussian-blur corruption, cosine schedule) and,
+through `second_`-prefixed presets, the second (256 -> 1024, BSR corruption, linear
+schedule; Table 3). No attention, no text; trained on crops, run on whole images.
+
+Presets (`--config=configs/upsampler.py:<preset>`):
+  tiny, second_tiny     a few steps of a very small UNet, for tests;
+  demo, second_demo     the shapes-world cascade on one CPU: 16 -> 32 and 32 -> 64 px;
+  paper, second_paper   64 -> 256 and 256 -> 1024 at the paper's sizes, on crops of a
+                        quarter of the target size.
+"""
+
+from clipgen.train import config as config_lib
+
+
+def get_config(arg: str | None = None):
+    preset = arg or "demo"
+    second = preset.startswith("second_")
+    preset = preset.removeprefix("second_")
+    config = config_lib.base_config()
+    config.stage = "upsampler"
+    config.model.dtype = "float32"
+    config.model.resize = "bilinear"
+    config.model.unet = dict(
+        in_channels=6,
+        out_channels=3,
+        channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        mid_attention=False,
+        head_channels=None,
+        norm_groups=8,
+        dropout=0.0,
+        remat=False,
+    )
+    config.diffusion = dict(
+        schedule="cosine", timesteps=1000, prediction="eps", variance="fixed_small"
+    )
+    config.sample = dict(respacing="ddim27", method="ddim", eta=0.0)
+
+    config.data.resolution = 32
+    config.data.scale = 2
+    config.data.crop = 16
+    config.data.corruption = "blur"
+    config.data.seed = 0
+
+    config.eval.num_examples = 64
+    config.eval.batch_size = 64
+    config.eval.use_ema = True
+    config.eval.seed = 0
+
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 100
+    config.optim.ema_decays = (0.995,)
+    config.batch_size = 32
+    config.total_steps = 1000
+    config.log_every = 50
+    config.eval_every = 1000
+    config.preview_every = 500
+    config.checkpoint.every = 500
+
+    if second:
+        config.diffusion.schedule = "linear"
+        config.data.corruption = "bsr"
+        config.data.resolution = 64
+        config.data.crop = 32
+        config.sample.respacing = "ddim15"
+
+    if preset == "tiny":
+        config.model.unet.update(channels=8, channel_mult=(1, 2), norm_groups=4)
+        config.data.resolution = 32 if second else 16
+        config.data.crop = 16 if second else 8
+        config.sample.respacing = "ddim3"
+        config.eval.num_examples = 4
+        config.eval.batch_size = 4
+        config.batch_size = 8
+        config.total_steps = 4
+        config.log_every = 2
+        config.eval_every = 4
+        config.preview_every = 0
+        config.checkpoint.every = 2
+        config.optim.warmup_steps = 1
+    elif preset == "paper":
+        config.data.scale = 4
+        config.data.resolution = 1024 if second else 256
+        config.data.crop = config.data.resolution // 4
+        config.model.dtype = "bfloat16"
+        config.model.unet.update(
+            channels=128 if second else 192,
+            channel_mult=(1, 1, 2, 2, 4, 4) if second else (1, 1, 2, 2, 4, 4),
+            num_res_blocks=2 if second else 2,
+            norm_groups=32,
+            dropout=0.1,
+            remat=True,
+        )
+        config.optim.lr = 1e-4
+        config.optim.ema_decays = (0.9999,)
+        config.batch_size = 1024 if second else 1024
+        config.total_steps = 1_000_000
+        config.mesh = dict(data=-1, fsdp=8, tensor=1)
+        config.checkpoint.every = 5000
+        config.eval_every = 10_000
+    elif preset != "demo":
+        raise ValueError(f"configs/upsampler.py: unknown preset {preset!r}")
+    return config
