@@ -1,1 +1,1 @@
-"""Evaluation: retrieval, and (to come) FID, KID, CLIP score and oracle metrics."""
+"""Evaluation: retrieval, prior embeddings, FID/KID/CLIP score, and the evaluation runs."""

@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.data = ml_collections.ConfigDict()
     config.eval = ml_collections.ConfigDict()
+    # clipgen.eval.registry evaluators run every eval_every steps on stages with a generator.
+    config.evals = ml_collections.ConfigDict()
     return config
 
 

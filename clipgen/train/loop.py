@@ -27,6 +27,7 @@ from clipgen.checkpoint import Checkpointer
 from clipgen.train import state as state_lib
 
 Batch = dict[str, Any]
+Generate = Callable[[list[str], int], np.ndarray]  # (captions, seed) -> uint8 NHWC images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Stage:
         batches, starting at batch number `first_batch` (this is how a run resumes).
     batch_spec(global_batch_size) -> the global batch as ShapeDtypeStructs.
     preview(state) -> images to write ({name: uint8 NHWC}); evaluate(state) -> scalars.
+    generator(state) -> generate(captions, seed) -> uint8 (N, H, W, 3) images: the text-to-image
+        generator of the current state, scored every `config.eval_every` steps by the
+        evaluators of `config.evals` (clipgen.eval.registry).
     """
 
     name: str
@@ -48,6 +52,7 @@ class Stage:
     batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]]
     preview: Callable[[state_lib.TrainState], dict[str, np.ndarray]] | None = None
     evaluate: Callable[[state_lib.TrainState], dict[str, float]] | None = None
+    generator: Callable[[state_lib.TrainState], Generate] | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -86,6 +91,7 @@ def train(
         first_batch = int(restored.data["batches"])
         logging.info("resumed from %s at step %d", checkpointer.directory, restored.step)
     step_fn = run.step
+    evaluators = _build_evaluators(config, stage, mesh)
     writer = _metric_writer(workdir)
     hooks = _progress_hooks(config, writer)
     start_step = int(jax.device_get(train_state.step))
@@ -118,6 +124,11 @@ def train(
                     writer.write_images(step, stage.preview(train_state))
                 if stage.evaluate and config.eval_every and step % config.eval_every == 0:
                     writer.write_scalars(step, stage.evaluate(train_state))
+                if evaluators and config.eval_every and step % config.eval_every == 0:
+                    generate = stage.generator(train_state)
+                    for name, evaluator in evaluators.items():
+                        scores = evaluator(generate)
+                        writer.write_scalars(step, {f"{name}/{k}": v for k, v in scores.items()})
                 if stop_signal.raised or (
                     jax.process_count() > 1 and checkpointer.manager.reached_preemption(step)
                 ):
@@ -260,6 +271,16 @@ def _write_window(writer, step: int, window: list[dict[str, jax.Array]]) -> None
     host = jax.device_get(window)
     scalars = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
     writer.write_scalars(step, scalars)
+
+
+def _build_evaluators(config, stage: Stage, mesh) -> dict[str, Any]:
+    """The evaluators of `config.evals` when the stage can generate images, else none."""
+    if stage.generator is None or not config.get("evals"):
+        return {}
+    from clipgen.eval import registry
+
+    evaluators, _ = registry.build_all(config.evals, mesh=mesh)
+    return evaluators
 
 
 def _metric_writer(workdir: Path):
