@@ -41,5 +41,8 @@ def get_config(arg: str | None = None):
         config.model.update(width=2048, heads=32, layers=24, num_codes=319, num_buckets=1024)
         config.model.num_dot_buckets = 1024
         config.optim.lr = 1.6e-4
+        config.optim.b2 = 0.91
+        config.optim.eps = 1e-10
         config.optim.ema_decays = (0.999,)
+        config.total_steps = 1_000_000
     return config

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
     config.model.clip_extra_tokens = 4
     config.model.text_width = 128
     config.model.num_text_tokens = 24
+    config.model.text_transformer = None  # or TextConfig fields: GLIDE's own text encoder
     config.model.unet = dict(
         in_channels=3,
         out_channels=6,  # learned variance
@@ -108,6 +109,10 @@ def get_config(arg: str | None = None):
         config.model.text_width = 1024
         config.model.num_text_tokens = 77
         config.model.dtype = "bfloat16"
+        # GLIDE's 1.2B text transformer (2048 x 24) reading the caption, beside the 2.3B UNet.
+        config.model.text_transformer = dict(
+            vocab_size=49408, context_length=77, width=2048, layers=24, heads=32, mlp_dim=8192
+        )
         config.model.unet.update(
             channels=512,
             channel_mult=(1, 2, 3, 4),

@@ -85,17 +85,18 @@ def get_config(arg: str | None = None):
         config.data.resolution = 1024 if second else 256
         config.data.crop = config.data.resolution // 4
         config.model.dtype = "bfloat16"
+        # 690M (Karlo's super-res shape) and 280M parameters: Table 3's 700M and 300M.
         config.model.unet.update(
-            channels=128 if second else 192,
-            channel_mult=(1, 1, 2, 2, 4, 4) if second else (1, 1, 2, 2, 4, 4),
-            num_res_blocks=2 if second else 2,
+            channels=192 if second else 320,
+            channel_mult=(1, 1, 2, 2, 4, 4) if second else (1, 2, 3, 4),
+            num_res_blocks=2 if second else 3,
             norm_groups=32,
-            dropout=0.1,
+            dropout=0.0 if second else 0.1,
             remat=True,
         )
-        config.optim.lr = 1e-4
+        config.optim.lr = 1.0e-4 if second else 1.2e-4
         config.optim.ema_decays = (0.9999,)
-        config.batch_size = 1024 if second else 1024
+        config.batch_size = 512 if second else 1024
         config.total_steps = 1_000_000
         config.mesh = dict(data=-1, fsdp=8, tensor=1)
         config.checkpoint.every = 5000

@@ -20,6 +20,7 @@ import numpy as np
 
 from clipgen.data import pipeline, shapes
 from clipgen.diffusion.gaussian import Diffusion, make_diffusion
+from clipgen.models.clip import TextConfig
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
 from clipgen.models.unet import UNetConfig
 from clipgen.pipelines.decoder import sample_decoder, to_uint8
@@ -30,15 +31,26 @@ CONDITION_FIELDS = ("image_embed", "text", "text_mask", "text_embed")
 
 
 def build_model(config: ml_collections.ConfigDict) -> Decoder:
+    """The decoder config.model describes: frozen CLIP text encodings (Karlo), or with
+    `model.text_transformer` (TextConfig fields) GLIDE's trainable text transformer."""
     model = config.model
     unet = UNetConfig(**model.unet.to_dict())
-    decoder_config = DecoderConfig(
-        unet=unet,
-        clip_embed_dim=model.clip_embed_dim,
-        clip_extra_tokens=model.clip_extra_tokens,
-        text_width=model.text_width,
-        text_embed_dim=model.clip_embed_dim,
-    )
+    text_transformer = model.get("text_transformer")
+    if text_transformer:
+        decoder_config = DecoderConfig(
+            unet=unet,
+            clip_embed_dim=model.clip_embed_dim,
+            clip_extra_tokens=model.clip_extra_tokens,
+            text_transformer=TextConfig(**text_transformer.to_dict()),
+        )
+    else:
+        decoder_config = DecoderConfig(
+            unet=unet,
+            clip_embed_dim=model.clip_embed_dim,
+            clip_extra_tokens=model.clip_extra_tokens,
+            text_width=model.text_width,
+            text_embed_dim=model.clip_embed_dim,
+        )
     return Decoder(decoder_config, dtype=jnp.dtype(model.dtype))
 
 
@@ -90,7 +102,7 @@ def decoder_loss(module: Decoder, diffusion: Diffusion, drop_image: float, drop_
                 batch["image_embed"],
                 batch["text"],
                 batch["text_mask"],
-                batch["text_embed"],
+                batch.get("text_embed"),
                 drop_image=dropped_image,
                 drop_text=dropped_text,
                 deterministic=False,
@@ -142,6 +154,12 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     rows = prior_stage.ArraySource(train)
 
     def to_batch(examples: list[dict]) -> dict[str, np.ndarray]:
+        if glide_text:
+            raise NotImplementedError(
+                "config.model.text_transformer: GLIDE-style text reads caption token ids, and "
+                "the embedding shards hold CLIP text encodings only; train with CLIP text "
+                "(text_transformer None) or feed batches that carry token ids"
+            )
         arrays = prior_stage.stack(examples)
         images = [train_source[int(i)][f"image_{resolution}"] for i in arrays["ids"]]
         return dict(conditions(arrays), image=to_unit_range(np.stack(images)))
@@ -149,15 +167,21 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     def batches(first_batch: int, global_batch_size: int) -> Iterator[dict]:
         return pipeline.host_batches(rows, to_batch, first_batch, global_batch_size, config.seed)
 
+    glide_text = module.config.text_transformer is not None
+
     def batch_spec(global_batch_size: int):
         b, length = global_batch_size, config.model.num_text_tokens
-        return {
+        spec = {
             "image": jax.ShapeDtypeStruct((b, resolution, resolution, 3), jnp.float32),
             "image_embed": jax.ShapeDtypeStruct((b, config.model.clip_embed_dim), jnp.float32),
             "text": jax.ShapeDtypeStruct((b, length, config.model.text_width), jnp.float32),
             "text_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "text_embed": jax.ShapeDtypeStruct((b, config.model.clip_embed_dim), jnp.float32),
         }
+        if glide_text:  # token ids for the decoder's own text transformer
+            spec["text"] = jax.ShapeDtypeStruct((b, length), jnp.int32)
+            del spec["text_embed"]
+        return spec
 
     def init_params(rng):
         return init_decoder(module, rng, resolution, text_length=config.model.num_text_tokens)[

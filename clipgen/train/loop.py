@@ -158,10 +158,15 @@ class Prepared:
 
 
 def prepare(
-    config: ml_collections.ConfigDict, stage: Stage, devices: Sequence[jax.Device] | None = None
+    config: ml_collections.ConfigDict,
+    stage: Stage,
+    devices: Sequence[jax.Device] | None = None,
+    compile_step: bool = True,
 ) -> Prepared:
     """Mesh, sharded state shapes and the AOT-compiled step; no parameters are made yet
-    (`init_state()` makes them, in place on their shards)."""
+    (`init_state()` makes them, in place on their shards). With `compile_step=False` the
+    step is only lowered (`Prepared.step` is a `jax.stages.Lowered`): shapes and shardings
+    of paper-scale presets can be checked on fake devices."""
     parallel.initialize_distributed(config)
     mesh = parallel.make_mesh(dict(config.mesh), devices)
     rules = parallel.logical_rules(config)
@@ -182,16 +187,23 @@ def prepare(
 
     schedule = state_lib.learning_rate_schedule(config.optim)
     start = time.perf_counter()
-    step = _compile_step(
+    step = _lower_step(
         stage, tx, schedule, mesh, rules, state_shardings, abstract_state, int(config.batch_size)
     )
+    if compile_step:
+        step = step.compile()
     seconds = time.perf_counter() - start
-    logging.info("compiled the %s train step in %.1f s", stage.name, seconds)
+    logging.info(
+        "%s the %s train step in %.1f s",
+        "compiled" if compile_step else "lowered",
+        stage.name,
+        seconds,
+    )
     return Prepared(mesh, rules, abstract_state, state_shardings, step, seconds, make_state)
 
 
-def _compile_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size):
-    """The train step, jitted with shardings and donated state, compiled ahead of time."""
+def _lower_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size):
+    """The train step, jitted with shardings and donated state, lowered for AOT compilation."""
 
     def train_step(train_state: state_lib.TrainState, batch: Batch):
         rng = jax.random.fold_in(train_state.rng, train_state.step)
@@ -241,7 +253,7 @@ def _compile_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_st
         donate_argnums=(0,),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(abstract_state, abstract_batch).compile()
+        return jitted.lower(abstract_state, abstract_batch)
 
 
 def _check_finite(config, train_state, checkpointer) -> None:

@@ -1,0 +1,79 @@
+"""The paper-scale presets, checked without training: parameter counts against unCLIP's
+Table 3, and each train step lowered (`jax.jit(...).lower`) on a mesh of fake CPU devices
+with FSDP, with the parameter bytes every device holds.
+
+  python benchmarks/paper_presets.py [--devices=64] [--fsdp=8]
+
+Prints one JSON line per preset. Runs in a fresh process: it sets the fake device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# (config file, preset, Table 3's parameter count)
+PRESETS = (
+    ("prior", "paper", 1.0e9),
+    ("decoder", "paper", 3.5e9),
+    ("upsampler", "paper", 700e6),
+    ("upsampler", "second_paper", 300e6),
+)
+
+
+def main(argv: list[str]) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=64)
+    parser.add_argument("--fsdp", type=int, default=8)
+    args = parser.parse_args(argv)
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+
+    import jax
+
+    from clipgen.cli import load_stage_module
+    from clipgen.train import config as config_lib
+    from clipgen.train import loop
+
+    results = []
+    for stage_name, preset, paper_count in PRESETS:
+        config = config_lib.load_preset(stage_name, preset)
+        if "embeddings" in config.data:
+            config.data.embeddings = "synthetic"  # the step's shapes only; no data is read
+            config.data.num_examples = dict(train=8)
+        config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
+        stage = load_stage_module(config.stage).make_stage(config)
+        start = time.perf_counter()
+        run = loop.prepare(config, stage, compile_step=False)
+        seconds = time.perf_counter() - start
+        params = run.abstract_state.params
+        shardings = run.state_shardings.params
+        count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+        per_device = sum(
+            math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+            for leaf, sharding in zip(
+                jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True
+            )
+        )
+        result = {
+            "config": f"configs/{stage_name}.py:{preset}",
+            "parameters": count,
+            "paper_parameters": paper_count,
+            "ratio_to_paper": round(count / paper_count, 3),
+            "mesh": dict(run.mesh.shape),
+            "global_batch": int(config.batch_size),
+            "param_bytes_per_device": per_device,
+            "param_gib_per_device": round(per_device / 2**30, 3),
+            "lowered": True,
+            "lower_s": round(seconds, 2),
+        }
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
