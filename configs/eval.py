@@ -17,13 +17,33 @@ images: FID ~0, a calibration) or noise (uniform noise: a floor).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from clipgen.eval.coco import COCO30K_CAPTIONS, COCO_RESOLUTION
 
 
 def _generator(resolution: int, workdir: str = "") -> ml_collections.ConfigDict:
+    """The generator's fields. For `unclip` (clipgen.pipelines.unclip.load_pipeline):
+    `workdir` holds the clip, prior, decoder, upsampler and upsampler2 runs; the final
+    images are resized to `resolution` (0: as the cascade draws them); `preset` names the
+    configs for runs whose checkpoints store none; `sampling` overrides the stage configs'
+    sampling settings (None: keep them)."""
     return ml_collections.ConfigDict(
-        {"type": "unclip", "resolution": resolution, "workdir": workdir}
+        {
+            "type": "unclip",
+            "resolution": resolution,
+            "workdir": workdir,
+            "preset": "demo",
+            "sampling": {
+                "prior_respacing": config_dict.placeholder(str),
+                "prior_guidance": config_dict.placeholder(float),
+                "prior_best_of": config_dict.placeholder(int),
+                "decoder_respacing": config_dict.placeholder(str),
+                "decoder_guidance": config_dict.placeholder(float),
+                "upsampler_respacing": config_dict.placeholder(str),
+                "upsampler2_respacing": config_dict.placeholder(str),
+            },
+        }
     )
 
 
@@ -86,6 +106,7 @@ def get_config(arg: str | None = None):
         config.clip_model = ""  # a transformers CLIP directory (e.g. ViT-B/32), optional
         config.clip_tokenizer = ""  # default: the clip_model directory's vocab.json/merges.txt
         config.generator = _generator(COCO_RESOLUTION)
+        config.generator.preset = "paper"
         config.generator.resolution = config.get_ref("resolution")
         captions = {
             "source": "coco",
