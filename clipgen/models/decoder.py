@@ -40,7 +40,9 @@ class DecoderConfig:
     """The decoder's UNet (its `encoder_dim` is the context-token width), the CLIP embedding
     width, and where the text comes from. `text_width` and `text_embed_dim` are the widths of
     the text tokens and of the pooled text embedding; with a text transformer both are its
-    width and may be left None."""
+    width and may be left None. `image_embed_scale` multiplies the image embedding before
+    its projections (Karlo: 1 on unnormalised embeddings; clipgen's unit embeddings train
+    far faster at sqrt(dim), unit variance per dimension)."""
 
     unet: UNetConfig
     clip_embed_dim: int
@@ -48,6 +50,7 @@ class DecoderConfig:
     text_width: int | None = None
     text_embed_dim: int | None = None
     text_transformer: TextConfig | None = None
+    image_embed_scale: float = 1.0
 
     def __post_init__(self):
         if self.unet.encoder_dim is None:
@@ -136,7 +139,7 @@ class Conditioning(nn.Module):
         """-> time addition (B, embed_dim), context (B, N + L, encoder_dim), mask (B, N + L)."""
         cfg = self.config
         batch = image_embed.shape[0]
-        image_embed = image_embed.astype(jnp.float32)
+        image_embed = image_embed.astype(jnp.float32) * cfg.image_embed_scale
         if drop_image is not None:
             null = jnp.broadcast_to(self.null_image_embed, image_embed.shape)
             image_embed = jnp.where(jnp.asarray(drop_image, bool)[:, None], null, image_embed)

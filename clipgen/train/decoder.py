@@ -36,12 +36,14 @@ def build_model(config: ml_collections.ConfigDict) -> Decoder:
     model = config.model
     unet = UNetConfig(**model.unet.to_dict())
     text_transformer = model.get("text_transformer")
+    scale = model.get("image_embed_scale", 1.0)
     if text_transformer:
         decoder_config = DecoderConfig(
             unet=unet,
             clip_embed_dim=model.clip_embed_dim,
             clip_extra_tokens=model.clip_extra_tokens,
             text_transformer=TextConfig(**text_transformer.to_dict()),
+            image_embed_scale=scale,
         )
     else:
         decoder_config = DecoderConfig(
@@ -50,6 +52,7 @@ def build_model(config: ml_collections.ConfigDict) -> Decoder:
             clip_extra_tokens=model.clip_extra_tokens,
             text_width=model.text_width,
             text_embed_dim=model.clip_embed_dim,
+            image_embed_scale=scale,
         )
     return Decoder(decoder_config, dtype=jnp.dtype(model.dtype))
 
