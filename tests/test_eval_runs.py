@@ -329,14 +329,7 @@ def test_tiny_preset_oracle_reads_real_renders_and_not_noise(tmp_path):
     assert noise["extras"]["counts"]["test/all"] == 8
 
 
-def test_unclip_generator_hook_fails_clearly_while_missing(tmp_path, capsys):
-    try:
-        import clipgen.pipelines.unclip  # noqa: F401
-    except ModuleNotFoundError:
-        assert _eval(tmp_path, "tiny", "--config.generator.type=unclip") == 2
-        assert "clipgen/pipelines/unclip.py" in capsys.readouterr().err
-    else:
-        pytest.skip("the unclip pipeline exists")
+def test_unknown_generator_and_missing_clip_fail_clearly(tmp_path, capsys):
     assert _eval(tmp_path, "tiny", "--config.generator.type=gan") == 2
     assert "config.generator.type='gan'" in capsys.readouterr().err
     missing_clip = f"--config.demo_workdir={tmp_path / 'no_demo'}"
