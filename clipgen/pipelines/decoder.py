@@ -21,7 +21,8 @@ DecoderCondition = dict[str, jax.Array]
 
 def decoder_model_fn(module: Decoder, params: Any, guidance_scale: float, cond: DecoderCondition):
     """model_fn(x_t, t) of the decoder: guided by `guidance_scale` against the output with
-    both the image embedding and the text dropped (scale 1: no guidance)."""
+    both the image embedding and the text dropped (scale 1: no guidance). `cond` may carry
+    `drop_text` (B,) bool for the conditional branch itself (e.g. rendering without text)."""
 
     def model_fn(x_t, t, condition):
         return module.apply(
@@ -32,15 +33,16 @@ def decoder_model_fn(module: Decoder, params: Any, guidance_scale: float, cond: 
             condition["text"],
             condition["text_mask"],
             condition["text_embed"],
-            drop_image=condition["drop"],
-            drop_text=condition["drop"],
+            drop_image=condition["drop_image"],
+            drop_text=condition["drop_text"],
         )
 
     batch = cond["image_embed"].shape[0]
-    kept = dict(cond, drop=jnp.zeros((batch,), bool))
+    kept = dict(cond, drop_image=jnp.zeros((batch,), bool))
+    kept.setdefault("drop_text", jnp.zeros((batch,), bool))
     if guidance_scale == 1.0:
         return lambda x_t, t: model_fn(x_t, t, kept)
-    dropped = dict(cond, drop=jnp.ones((batch,), bool))
+    dropped = dict(cond, drop_image=jnp.ones((batch,), bool), drop_text=jnp.ones((batch,), bool))
     channels = module.config.unet.out_channels
     guided = 3 if channels == 6 else None  # a learned-range model: guide the prediction only
     return samplers.classifier_free_guidance(

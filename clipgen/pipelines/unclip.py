@@ -37,7 +37,7 @@ from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.clip import CLIP
 from clipgen.models.decoder import Decoder
 from clipgen.models.prior import PriorTransformer
-from clipgen.pipelines.decoder import sample_upsampler, to_uint8
+from clipgen.pipelines.decoder import decoder_model_fn, sample_upsampler, to_uint8
 from clipgen.pipelines.prior import sample_prior
 
 STAGE_DIRS = ("clip", "prior", "decoder", "upsampler", "upsampler2")
@@ -388,32 +388,7 @@ class UnCLIP:
     def _decoder_fn(self, params: Any, cond: dict[str, Any], guidance: float):
         """model_fn(x_t, t) of the decoder, guided against the output with both the image
         embedding and the text dropped (guidance 1: none)."""
-        module = self.decoder.module
-
-        def model_fn(x_t, t, c):
-            return module.apply(
-                {"params": params},
-                x_t,
-                t,
-                c["image_embed"],
-                c["text"],
-                c["text_mask"],
-                c["text_embed"],
-                drop_image=c["drop_image"],
-                drop_text=c["drop_text"],
-            )
-
-        batch = cond["image_embed"].shape[0]
-        kept = dict(cond, drop_image=jnp.zeros((batch,), bool))
-        if guidance == 1.0:
-            return lambda x_t, t: model_fn(x_t, t, kept)
-        dropped = dict(
-            cond, drop_image=jnp.ones((batch,), bool), drop_text=jnp.ones((batch,), bool)
-        )
-        guided = 3 if self.decoder.diffusion.variance == "learned_range" else None
-        return samplers.classifier_free_guidance(
-            model_fn, kept, [(dropped, guidance)], guided_channels=guided
-        )
+        return decoder_model_fn(self.decoder.module, params, guidance, cond)
 
     def sample_decoder(
         self,
