@@ -3,7 +3,7 @@
   clipgen train --config configs/<stage>.py:<preset> --workdir DIR [--config.key=value ...]
   clipgen embed --config configs/clip.py:<preset> --workdir CLIP_RUN --out DIR [--split test]
   clipgen shapes --data-dir DIR [--preset small|cascade|tiny]
-  clipgen demo [--workdir DIR]
+  clipgen demo [--workdir DIR] [--minutes 30]
   clipgen eval --config configs/eval.py:<preset> --workdir OUT [--config.key=value ...]
   clipgen fid-stats --inception WEIGHTS --out STATS.npz (--coco-dir DIR | --shapes-split SPLIT)
       [--num N] [--resolution 256] [--resize-mode tf1_bilinear] [--seed 0] [--save-features]
@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="the main job on the shapes world (one CPU)")
     demo.add_argument("--workdir", default="workdir/demo")
+    demo.add_argument(
+        "--minutes", type=float, default=30.0, help="the time budget of the training stages"
+    )
 
     evaluate = commands.add_parser("eval", help="run evaluators (FID, CLIP score, oracle)")
     evaluate.add_argument("--workdir", required=True, help="eval.json and metrics go here")
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cascade(args)
     from clipgen import demo as demo_lib
 
-    demo_lib.run(args.workdir)
+    demo_lib.run(args.workdir, minutes=args.minutes)
     return 0
 
 

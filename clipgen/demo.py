@@ -1,26 +1,35 @@
-"""`clipgen demo`: the main job on one CPU, over the shapes world.
+"""`clipgen demo`: the main job on one CPU, the whole unCLIP cascade on the shapes world
+within a time budget.
 
-It builds the shapes dataset through its tfds builder, reads it back, draws sample grids
-at every cascade resolution and scores the oracle on the test and held-out splits; then it
-trains each stage that exists with its `demo` preset, one after the other, resuming stages
-already done (today: CLIP, scored by zero-shot retrieval on held-out scenes). The other
-stages join as they land, then sampling of the held-out captions.
+It builds the shapes dataset through its tfds builder (grids of the true renders, the
+oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
+upsamplers with their `demo` presets, one after the other. Each stage trains for the steps
+its share of `minutes` buys at its preset's speed measured on a 2-core CPU, and stops at
+its deadline on a slower machine; stages already trained in the workdir resume. Then it
+scores the cascade with the `shapes` evaluation (oracle accuracies on test and held-out
+captions, CLIP score, CLIP-space Frechet distance), draws `samples.png` (test captions
+under their images) and the variation, interpolation and text-diff grids, and writes
+`report.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import platform
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 import clipgen
 from clipgen import images
 from clipgen.data import shapes, shapes_tfds
 from clipgen.data.files import atomic_write
+from clipgen.data.pipeline import ProceduralShapes
 from clipgen.train import config as config_lib
 
 DEMO_DATA = shapes_tfds.ShapesConfig(
@@ -29,34 +38,140 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
     resolutions=(16, 32, 64, 256),
     num_examples={"train": 2000, "test": 200, "heldout": 200},
 )
+DEFAULT_MINUTES = 30.0
+MIN_STEPS = 50
 
 
-def train_clip(workdir: Path, preset: str) -> dict:
-    """Train (or resume) CLIP in workdir/clip and score it."""
-    from clipgen.train import clip as clip_stage
-    from clipgen.train import loop
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage of the demo: its run directory under the workdir, its config file, its
+    share of the budget, and its `demo` preset's training speed and set-up time (compile;
+    for the prior also embedding the splits) on a 2-core CPU, which turn minutes into
+    steps."""
 
-    config = config_lib.load_preset("clip", preset)
-    stage = clip_stage.make_stage(config)
-    state = loop.train(config, workdir / "clip", stage)
-    return {"steps": int(state.step), "retrieval": stage.evaluate(state)}
+    name: str
+    config_file: str
+    share: float
+    steps_per_minute: float
+    setup_minutes: float
+
+    def preset(self, preset: str) -> str:
+        return f"second_{preset}" if self.name == "upsampler2" else preset
+
+
+PLAN = (
+    StagePlan("clip", "clip", 0.26, 120.0, 0.3),
+    StagePlan("prior", "prior", 0.09, 180.0, 1.2),
+    StagePlan("decoder", "decoder", 0.37, 150.0, 1.0),
+    StagePlan("upsampler", "upsampler", 0.06, 150.0, 0.7),
+    StagePlan("upsampler2", "upsampler", 0.06, 150.0, 0.7),
+)  # the remaining 0.16: the dataset, the stages' own scores, the cascade's, the grids
+STAGE_MODULES = {
+    "clip": "clipgen.train.clip",
+    "prior": "clipgen.train.prior",
+    "decoder": "clipgen.train.decoder",
+    "upsampler": "clipgen.train.upsampler",
+}
+# Stage evaluations after training, cut to what the budget affords.
+EVAL_EXAMPLES = {"clip": 500, "prior": 200, "decoder": 64, "upsampler": 32}
+SCORED_CAPTIONS = 64  # per split, for the cascade's oracle and CLIP score
+
+
+def cascade_configs(
+    workdir: str | Path, preset: str = "demo", minutes: float | None = DEFAULT_MINUTES
+) -> dict[str, ml_collections.ConfigDict]:
+    """The stage configs of the demo cascade in `workdir`, by run name: each stage's
+    `preset`, made consistent with each other (the prior's and decoder's widths from the
+    CLIP, each upsampler's resolution from the stage before, one set of embedding shards),
+    and sized to `minutes` (None: the presets' own step counts)."""
+    workdir = Path(workdir)
+    configs = {
+        plan.name: config_lib.load_preset(plan.config_file, plan.preset(preset)) for plan in PLAN
+    }
+    clip = configs["clip"]
+    dim, width = clip.model.projection_dim, clip.model.text.width
+    length = clip.data.context_length
+    configs["prior"].model.update(embedding_dim=dim, text_token_dim=width, num_text_tokens=length)
+    configs["decoder"].model.update(clip_embed_dim=dim, text_width=width, num_text_tokens=length)
+    for name in ("prior", "decoder"):
+        configs[name].data.update(
+            embeddings=str(workdir / "embeddings"),
+            clip_workdir=str(workdir / "clip"),
+            clip_preset=preset,
+            num_examples=configs["prior"].data.num_examples.to_dict(),
+        )
+    size = configs["decoder"].data.resolution
+    for name in ("upsampler", "upsampler2"):
+        data = configs[name].data
+        size *= data.scale
+        data.update(resolution=size, crop=min(data.crop, size))
+    for plan in PLAN:
+        config = configs[plan.name]
+        config.eval_every = 0
+        if "preview_every" in config:
+            config.preview_every = 0
+        if "num_examples" in config.eval:
+            limit = EVAL_EXAMPLES[plan.config_file]
+            config.eval.num_examples = min(config.eval.num_examples, limit)
+            config.eval.batch_size = min(config.eval.batch_size, config.eval.num_examples)
+        if minutes is not None:
+            steps = planned_steps(plan, minutes)
+            config.total_steps = steps
+            config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+    return configs
+
+
+def planned_steps(plan: StagePlan, minutes: float) -> int:
+    """The steps `plan`'s share of `minutes` buys at its measured speed."""
+    training_minutes = plan.share * minutes - plan.setup_minutes
+    return max(MIN_STEPS, int(training_minutes * plan.steps_per_minute))
 
 
 def run(
-    workdir: str | Path, data: shapes_tfds.ShapesConfig = DEMO_DATA, preset: str = "demo"
+    workdir: str | Path,
+    data: shapes_tfds.ShapesConfig = DEMO_DATA,
+    preset: str = "demo",
+    minutes: float | None = DEFAULT_MINUTES,
 ) -> dict:
-    """Run the demo in `workdir` with each stage's `preset`; returns the report also
-    written to report.json."""
+    """Run the demo in `workdir` with each stage's `preset` within `minutes` (None: train
+    each preset's own steps, no deadlines); returns the report also written to
+    report.json."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    report: dict = {"budget_minutes": minutes, "minutes": {}}
+    report.update(_true_renders(workdir, data))
+    report["minutes"]["data"] = _minutes_since(started)
+    configs = cascade_configs(workdir, preset, minutes)
+    report["stages"] = {}
+    for plan in PLAN:
+        stage_started = time.perf_counter()
+        deadline = None if minutes is None else time.time() + 1.1 * plan.share * minutes * 60
+        report["stages"][plan.name] = _train_stage(plan, configs[plan.name], workdir, deadline)
+        report["minutes"][plan.name] = _minutes_since(stage_started)
+    scoring_started = time.perf_counter()
+    report["scores"] = _score_cascade(workdir, preset)
+    report["minutes"]["scoring"] = _minutes_since(scoring_started)
+    grids_started = time.perf_counter()
+    report["grids"] = _draw_grids(workdir, preset)
+    report["minutes"]["grids"] = _minutes_since(grids_started)
+    report["minutes"]["total"] = _minutes_since(started)
+    report["versions"] = _versions()
+    encoded = json.dumps(report, indent=2).encode()
+    atomic_write(workdir / "report.json", lambda file: file.write(encoded))
+    logging.info("demo report: %s", json.dumps(report["scores"]))
+    return report
+
+
+def _true_renders(workdir: Path, data: shapes_tfds.ShapesConfig) -> dict:
+    """Build the tfds dataset, draw grids of its test renders at each resolution and score
+    the oracle on the renders it can read (32 px and up): the ceiling for the cascade."""
     builder = shapes_tfds.build(str(workdir / "data"), data)
-    minutes = {"data": (time.perf_counter() - started) / 60}
-    report: dict = {"minutes": minutes, "data": {}, "oracle": {}}
+    result: dict = {"data": {}, "oracle_true_renders": {}}
     for split in ("test", "heldout"):
         source = builder.as_data_source(split)
         examples = [source[i] for i in range(len(source))]
-        report["data"][split] = len(examples)
+        result["data"][split] = len(examples)
         scenes = [shapes.scene_from_json(example["scene"]) for example in examples]
         for resolution in data.resolutions:
             key = shapes_tfds.image_feature_name(resolution)
@@ -68,17 +183,93 @@ def run(
                     images.grid(pictures[:16], captions, columns=4, cell=128),
                 )
             if resolution >= 32:
-                report["oracle"][f"{split}_{resolution}px"] = _oracle_accuracy(pictures, scenes)
-    stage_started = time.perf_counter()
-    report["clip"] = train_clip(workdir, preset)
-    minutes["clip"] = (time.perf_counter() - stage_started) / 60
-    minutes["total"] = (time.perf_counter() - started) / 60
-    report["versions"] = _versions()
-    atomic_write(
-        workdir / "report.json", lambda file: file.write(json.dumps(report, indent=2).encode())
+                accuracy = _oracle_accuracy(pictures, scenes)
+                result["oracle_true_renders"][f"{split}_{resolution}px"] = accuracy
+    return result
+
+
+def _train_stage(
+    plan: StagePlan, config: ml_collections.ConfigDict, workdir: Path, deadline: float | None
+) -> dict:
+    """Train (or resume) one stage in workdir/<name>, then score it with its own
+    evaluation."""
+    from clipgen.train import loop
+
+    stage_module = importlib.import_module(STAGE_MODULES[plan.config_file])
+    stage = stage_module.make_stage(config)
+    train_started = time.perf_counter()
+    state = loop.train(config, workdir / plan.name, stage, deadline=deadline)
+    result = {
+        "steps": int(state.step),
+        "planned_steps": int(config.total_steps),
+        "training_minutes": _minutes_since(train_started),
+    }
+    if stage.evaluate:
+        result["scores"] = {key: float(value) for key, value in stage.evaluate(state).items()}
+    return result
+
+
+def _score_cascade(workdir: Path, preset: str) -> dict:
+    """The `shapes` evaluation (configs/eval.py) of the cascade trained in `workdir`."""
+    from clipgen.eval import run as eval_run
+
+    config = config_lib.load_preset("eval", "shapes")
+    config.demo_workdir = str(workdir)
+    config.generator.preset = preset
+    config.generator.resolution = 0
+    count = SCORED_CAPTIONS if preset == "demo" else 8
+    config.evals.oracle.update(count=count, batch_size=count)
+    config.evals.clip_score.captions.count = count
+    config.evals.clip_score.batch_size = count
+    config.evals.clip_score.clip.preset = preset
+    report = eval_run.evaluate(config, workdir / "eval")
+    return {
+        name: result.get("metrics", {"skipped": result.get("skipped")})
+        for name, result in report["evals"].items()
+    }
+
+
+def _draw_grids(workdir: Path, preset: str) -> dict[str, str]:
+    """samples.png (the first 16 test captions), variations.png, interpolation.png and
+    textdiff.png, drawn by the trained cascade."""
+    from clipgen.pipelines import manipulate, unclip
+
+    pipe = unclip.load_pipeline({"workdir": str(workdir), "preset": preset})
+    test = ProceduralShapes((pipe.resolution,), "test", 0)
+    examples = [test[i] for i in range(16)]
+    captions = [example["caption"] for example in examples]
+    real = [example[f"image_{pipe.resolution}"] for example in examples]
+    grids = {}
+
+    def save(name: str, pictures, labels, columns: int) -> None:
+        grid = images.grid(list(pictures), list(labels), columns=columns, cell=128)
+        grids[name] = str(images.save_png(workdir / name, grid))
+
+    save("samples.png", pipe.generate(captions, seed=0), captions, 4)
+    varied = manipulate.variations(pipe, real[:2], seed=0, eta=1.0, count=3)
+    pictures = [image for i in range(2) for image in (real[i], *varied.images[3 * i : 3 * i + 3])]
+    labels = ["input", "eta=1", "eta=1", "eta=1"] * 2
+    save("variations.png", pictures, labels, 4)
+    path = manipulate.interpolate(pipe, real[0], real[1], num=6, seed=0)
+    save("interpolation.png", [real[0], *path.images, real[1]], ["a", *path.labels, "b"], 8)
+    edited = _recoloured(captions[0])
+    diff = manipulate.text_diff(
+        pipe, real[0], captions[0], edited, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], seed=0
     )
-    logging.info("demo report: %s", json.dumps({k: report[k] for k in ("oracle", "clip")}))
-    return report
+    save("textdiff.png", [real[0], *diff.images], [f"-> {edited}", *diff.labels], 7)
+    return grids
+
+
+def _recoloured(caption: str) -> str:
+    """`caption` with its first colour word changed to another colour (the text diff's
+    target)."""
+    words = caption.split()
+    colours = list(shapes.COLOURS)
+    for i, word in enumerate(words):
+        if word in colours:
+            words[i] = colours[(colours.index(word) + len(colours) // 2) % len(colours)]
+            return " ".join(words)
+    return caption
 
 
 def _oracle_accuracy(pictures: list[np.ndarray], scenes: list[shapes.Scene]) -> dict:
@@ -88,6 +279,10 @@ def _oracle_accuracy(pictures: list[np.ndarray], scenes: list[shapes.Scene]) -> 
         for picture, scene in zip(pictures, scenes, strict=True)
     ]
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+
+
+def _minutes_since(start: float) -> float:
+    return round((time.perf_counter() - start) / 60, 2)
 
 
 def _versions() -> dict[str, str]:

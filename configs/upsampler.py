@@ -101,6 +101,11 @@ def get_config(arg: str | None = None):
         config.mesh = dict(data=-1, fsdp=8, tensor=1)
         config.checkpoint.every = 5000
         config.eval_every = 10_000
-    elif preset != "demo":
+    elif preset == "demo":
+        # eps prediction cannot say x0 where the signal is gone: after 1,000 steps its x0
+        # estimate at t=999 scored 4.5 dB PSNR and DDIM-27 samples 19.0 dB, under bicubic's
+        # 31.4; v prediction gives x0 at every t (as the demo decoder).
+        config.diffusion.prediction = "v"
+    else:
         raise ValueError(f"configs/upsampler.py: unknown preset {preset!r}")
     return config

@@ -1,22 +1,60 @@
-"""The demo job end to end on a tiny shapes build."""
+"""The demo job end to end: every stage of the cascade on a tiny shapes build."""
 
 import json
+
+import numpy as np
+from PIL import Image
 
 from clipgen import demo
 from clipgen.data import shapes_tfds
 
+GRIDS = ("samples.png", "variations.png", "interpolation.png", "textdiff.png")
 
-def test_demo_writes_grids_and_a_report(tmp_path):
+
+def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
     data = shapes_tfds.ShapesConfig(
         name="demo_test",
         resolutions=(16, 32),
         num_examples={"train": 4, "test": 6, "heldout": 6},
     )
-    report = demo.run(tmp_path, data, preset="tiny")
+    report = demo.run(tmp_path, data, preset="tiny", minutes=None)
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert (tmp_path / "shapes_16.png").exists() and (tmp_path / "shapes_32.png").exists()
     assert report["data"] == {"test": 6, "heldout": 6}
-    assert report["oracle"]["test_32px"]["whole"] == 1.0
-    assert "16px" not in " ".join(report["oracle"])  # the oracle reads 32 px and up
-    assert report["clip"]["steps"] == 4
-    assert set(report["clip"]["retrieval"]) >= {"test/text_to_image_top1"}
+    assert report["oracle_true_renders"]["test_32px"]["whole"] == 1.0
+    assert "16px" not in " ".join(report["oracle_true_renders"])  # it reads 32 px and up
+    configs = demo.cascade_configs(tmp_path, "tiny", None)
+    for plan in demo.PLAN:
+        assert report["stages"][plan.name]["steps"] == configs[plan.name].total_steps
+        assert report["minutes"][plan.name] >= 0
+    assert set(report["stages"]["clip"]["scores"]) >= {"test/text_to_image_top1"}
+    assert {"test/psnr", "test/bicubic_psnr"} <= set(report["stages"]["upsampler2"]["scores"])
+    oracle = report["scores"]["oracle"]
+    assert {"test/all/whole", "heldout/all/whole", "test/all/colour"} <= set(oracle)
+    assert all(0.0 <= value <= 1.0 for value in oracle.values())
+    assert set(report["scores"]["clip_score"]) == {"clip_score", "clip_fd"}
+    assert "skipped" in report["scores"]["fid"]  # no Inception weights offline
+    for name in GRIDS:
+        grid = np.asarray(Image.open(tmp_path / name))
+        assert grid.ndim == 3 and grid.std() > 0, name
+    samples = report["grids"]["samples.png"]
+    assert samples == str(tmp_path / "samples.png")
+
+
+def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
+    configs = demo.cascade_configs(tmp_path, "demo", 30.0)
+    clip, prior, decoder = configs["clip"], configs["prior"], configs["decoder"]
+    assert prior.model.embedding_dim == decoder.model.clip_embed_dim == clip.model.projection_dim
+    assert prior.model.num_text_tokens == decoder.model.num_text_tokens == 24
+    assert prior.data.embeddings == decoder.data.embeddings == str(tmp_path / "embeddings")
+    assert decoder.data.clip_workdir == str(tmp_path / "clip")
+    sizes = [configs[name].data.resolution for name in ("decoder", "upsampler", "upsampler2")]
+    assert sizes == [24, 48, 96]
+    for plan in demo.PLAN:
+        steps = configs[plan.name].total_steps
+        minutes = steps / plan.steps_per_minute + plan.setup_minutes
+        assert steps == demo.planned_steps(plan, 30.0)
+        assert minutes <= plan.share * 30.0 + 1 / plan.steps_per_minute
+    longer = demo.cascade_configs(tmp_path, "demo", 60.0)
+    assert longer["decoder"].total_steps > decoder.total_steps
+    assert sum(plan.share for plan in demo.PLAN) < 1.0

@@ -204,6 +204,19 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert saved == [step] and 0 < step < 100000
 
 
+def test_deadline_stops_after_saving_and_the_run_resumes_to_the_end(tmp_path):
+    config = _config()
+    stage = denoiser_stage.make_stage(config)
+    stopped = loop.train(config, tmp_path, stage, jax.devices()[:1], deadline=time.time() - 1)
+    assert int(stopped.step) == 1  # a passed deadline still lets one step run, then saves
+    saved = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    assert saved.all_steps() == [1]
+    saved.close()
+    resumed = loop.train(config, tmp_path, stage, jax.devices()[:1])
+    assert int(resumed.step) == config.total_steps
+    _assert_trees_close(resumed.params, _restore(tmp_path / "whole").params, rtol=1e-6)
+
+
 def test_config_typo_fails_before_anything_compiles(tmp_path):
     started = time.monotonic()
     run = _cli(tmp_path, "--config.optim.lrr=1", stderr=subprocess.PIPE)

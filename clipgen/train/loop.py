@@ -68,11 +68,14 @@ def train(
     workdir: str | Path,
     stage: Stage,
     devices: Sequence[jax.Device] | None = None,
+    *,
+    deadline: float | None = None,
 ) -> state_lib.TrainState:
     """Train `stage` for `config.total_steps` steps in `workdir`, resuming from its newest
-    checkpoint; the mesh spans `devices` (default: all). Raises `Preempted` after saving
-    when SIGTERM arrives, `NonFiniteError` when a non-finite loss or gradient appears and
-    `config.on_nonfinite == "stop"`."""
+    checkpoint; the mesh spans `devices` (default: all). With `deadline` (a `time.time()`
+    value) it stops early once that has passed, after saving a checkpoint. Raises
+    `Preempted` after saving when SIGTERM arrives, `NonFiniteError` when a non-finite loss
+    or gradient appears and `config.on_nonfinite == "stop"`."""
     workdir = Path(workdir)
     run = prepare(config, stage, devices)
     mesh, rules, batch_size = run.mesh, run.rules, int(config.batch_size)
@@ -135,6 +138,15 @@ def train(
                     save(force=True)
                     checkpointer.wait()
                     raise Preempted(f"pre-empted at step {step}; checkpoint saved")
+                if deadline is not None and time.time() > deadline and not last:
+                    save(force=True)
+                    logging.warning(
+                        "%s: out of time at step %d of %d; checkpoint saved",
+                        stage.name,
+                        step,
+                        config.total_steps,
+                    )
+                    break
     finally:
         stop_signal.restore()
         checkpointer.wait()
