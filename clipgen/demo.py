@@ -60,11 +60,11 @@ class StagePlan:
 
 
 PLAN = (
-    StagePlan("clip", "clip", 0.26, 120.0, 0.3),
-    StagePlan("prior", "prior", 0.09, 180.0, 1.2),
-    StagePlan("decoder", "decoder", 0.37, 150.0, 1.0),
-    StagePlan("upsampler", "upsampler", 0.06, 150.0, 0.7),
-    StagePlan("upsampler2", "upsampler", 0.06, 150.0, 0.7),
+    StagePlan("clip", "clip", 0.25, 120.0, 0.3),
+    StagePlan("prior", "prior", 0.08, 180.0, 1.2),
+    StagePlan("decoder", "decoder", 0.41, 200.0, 0.8),
+    StagePlan("upsampler", "upsampler", 0.05, 300.0, 0.5),
+    StagePlan("upsampler2", "upsampler", 0.05, 150.0, 0.6),
 )  # the remaining 0.16: the dataset, the stages' own scores, the cascade's, the grids
 STAGE_MODULES = {
     "clip": "clipgen.train.clip",

@@ -2,10 +2,13 @@
 
 Presets (`--config=configs/decoder.py:<preset>`):
   tiny   a few steps of a very small UNet on synthetic embeddings, for tests;
-  demo   the shapes world on one CPU: a 24 px decoder over the demo CLIP's embeddings (the
-         cascade's base resolution scaled down from 64 px; its structure stays). 24 px is
-         the smallest size at which the oracle reads every true render's colour and shape
-         (at 16 px it misreads 17% of the test split's shapes: small objects are 3 px);
+  demo   the shapes world on one CPU: a 16 px decoder over the demo CLIP's embeddings (the
+         cascade's base resolution scaled down from 64 px, upsampled to 32 and 64; its
+         structure stays). A step at 16 px costs 2.5x less than at 24 px; a probe UNet on
+         this CPU drew 98% of shapes right at 16 px after 10 minutes, 42% at 32 px after
+         20 (../shared/reference/cpu-performance.md). The oracle, reading 16 px renders
+         enlarged to 64, gets 17% of true shapes wrong (small objects are 3 px): that caps
+         this stage's own score; the cascade's 64 px output has no such cap;
   bench  the benchmark shape: 64 px, base width 64, multipliers (1, 2, 3, 4), attention
          at 16 and 8 px, 77 x 512 text encodings, batch 8, learned variance, float32;
   paper  the 64 px decoder: GLIDE's UNet, 512 channels, 3 blocks, (1, 2, 3, 4), attention
@@ -53,7 +56,7 @@ def get_config(arg: str | None = None):
     config.data.clip_workdir = "workdir/demo/clip"
     config.data.clip_preset = "demo"
     config.data.num_examples = dict(train=20000, test=500, heldout=500)
-    config.data.resolution = 24
+    config.data.resolution = 16
     config.data.seed = 0
     config.data.drop_image = 0.1
     config.data.drop_text = 0.5
@@ -149,9 +152,9 @@ def get_config(arg: str | None = None):
         config.eval_every = 10_000
         config.preview_every = 5000
     elif preset == "demo":
-        # v, not eps: an eps model's loss near t = T barely depends on x0. Measured: eps with
-        # embedding scale 1 drew the right background for 40-48% of scenes after 1,250 steps;
-        # v with scale 8 for 99.5-100% after 1,500 (colour 38-41%, shape 10%: still short).
+        # v, not eps: an eps model's loss near t = T barely depends on x0. Measured at 24 px:
+        # eps with embedding scale 1 drew the right background for 40-48% of scenes after
+        # 1,250 steps; v with scale 8 for 99.5-100% after 1,500 (colour 38-41%, shape 10%).
         config.diffusion.prediction = "v"
     else:
         raise ValueError(

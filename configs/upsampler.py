@@ -4,7 +4,8 @@ schedule; Table 3). No attention, no text; trained on crops, run on whole images
 
 Presets (`--config=configs/upsampler.py:<preset>`):
   tiny, second_tiny     a few steps of a very small UNet, for tests;
-  demo, second_demo     the shapes-world cascade on one CPU: 24 -> 48 and 48 -> 96 px;
+  demo, second_demo     the shapes-world cascade on one CPU: 16 -> 32 and 32 -> 64 px, on
+                        crops of half the target size;
   paper, second_paper   64 -> 256 and 256 -> 1024 at the paper's sizes, on crops of a
                         quarter of the target size.
 """
@@ -38,9 +39,9 @@ def get_config(arg: str | None = None):
     )
     config.sample = dict(respacing="ddim27", method="ddim", eta=0.0)
 
-    config.data.resolution = 48
+    config.data.resolution = 32
     config.data.scale = 2
-    config.data.crop = 24
+    config.data.crop = 16
     config.data.corruption = "blur"
     config.data.seed = 0
 
@@ -62,8 +63,8 @@ def get_config(arg: str | None = None):
     if second:
         config.diffusion.schedule = "linear"
         config.data.corruption = "bsr"
-        config.data.resolution = 96
-        config.data.crop = 24  # a quarter, as the paper's
+        config.data.resolution = 64
+        config.data.crop = 32
         config.sample.respacing = "ddim15"
 
     if preset == "tiny":

@@ -49,7 +49,7 @@ def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
     assert prior.data.embeddings == decoder.data.embeddings == str(tmp_path / "embeddings")
     assert decoder.data.clip_workdir == str(tmp_path / "clip")
     sizes = [configs[name].data.resolution for name in ("decoder", "upsampler", "upsampler2")]
-    assert sizes == [24, 48, 96]
+    assert sizes == [16, 32, 64]
     for plan in demo.PLAN:
         steps = configs[plan.name].total_steps
         minutes = steps / plan.steps_per_minute + plan.setup_minutes
