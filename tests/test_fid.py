@@ -179,6 +179,21 @@ def test_frechet_distance_with_fewer_samples_than_dimensions():
     assert np.isfinite(got) and got > 0
 
 
+def test_few_sample_frechet_distance_equals_the_square_root_form():
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(9, 24)) * np.linspace(0.5, 2.0, 24)
+    reference = rng.normal(size=(200, 24)) + 0.2
+    mu, sigma = reference.mean(0), np.cov(reference, rowvar=False)
+    centred = features - features.mean(0)
+    cov = centred.T @ centred / (len(features) - 1)
+    # Tr (cov sigma)^1/2 from the eigenvalues of the (similar to symmetric PSD) product
+    eigenvalues = np.clip(np.linalg.eigvals(cov @ sigma).real, 0.0, None)
+    diff = features.mean(0) - mu
+    direct = diff @ diff + np.trace(cov) + np.trace(sigma) - 2 * np.sum(np.sqrt(eigenvalues))
+    got = fid.frechet_distance_few_samples(features, mu, sigma)
+    assert got == pytest.approx(direct, rel=1e-8)
+
+
 def test_frechet_distance_retries_with_eps_and_refuses_imaginary(monkeypatch):
     calls = []
 

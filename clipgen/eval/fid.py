@@ -189,6 +189,22 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def frechet_distance_few_samples(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The Frechet distance between N <= d samples (N, d) and (mu, sigma), exactly, from an
+    N x N eigenproblem instead of a d x d square root.
+
+    With A the centred samples, S_A = A'A / (N - 1) and Tr (S_A sigma)^1/2 is the sum of the
+    square roots of the eigenvalues of A sigma A' / (N - 1), which has the same nonzero ones."""
+    features = np.asarray(features, np.float64)
+    centred = features - features.mean(axis=0)
+    count = len(features)
+    product = centred @ sigma @ centred.T / (count - 1)
+    eigenvalues = np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)
+    diff = features.mean(axis=0) - mu
+    trace_samples = np.sum(centred * centred) / (count - 1)
+    return float(diff @ diff + np.trace(sigma) + trace_samples - 2 * np.sum(np.sqrt(eigenvalues)))
+
+
 def _unbiased_mmd2_cubic(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 of two equal-size sets under k(a, b) = (a.b / d + 1)^3."""
     size, dim = x.shape

@@ -590,7 +590,7 @@ class FIDEvaluator(Evaluator):
         )
         mu, sigma = stats.mean_cov()
         if few_samples:
-            fid = frechet_distance_few_samples(features, ref_mu, ref_sigma)
+            fid = fid_lib.frechet_distance_few_samples(features, ref_mu, ref_sigma)
         else:
             fid = fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma)
         metrics = {"fid": fid}
@@ -631,22 +631,6 @@ class FIDEvaluator(Evaluator):
             "distance": "N x N eigenvalues (N <= d)" if few_samples else "scipy sqrtm",
         }
         return metrics
-
-
-def frechet_distance_few_samples(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
-    """The Frechet distance between N <= d samples (N, d) and (mu, sigma), exactly, from an
-    N x N eigenproblem instead of a d x d square root.
-
-    With A the centred samples, S_A = A'A / (N - 1) and Tr (S_A sigma)^1/2 is the sum of the
-    square roots of the eigenvalues of A sigma A' / (N - 1), which has the same nonzero ones."""
-    features = np.asarray(features, np.float64)
-    centred = features - features.mean(axis=0)
-    count = len(features)
-    product = centred @ sigma @ centred.T / (count - 1)
-    eigenvalues = np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)
-    diff = features.mean(axis=0) - mu
-    trace_samples = np.sum(centred * centred) / (count - 1)
-    return float(diff @ diff + np.trace(sigma) + trace_samples - 2 * np.sum(np.sqrt(eigenvalues)))
 
 
 # --- CLIP score -----------------------------------------------------------------------------
