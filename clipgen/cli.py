@@ -105,8 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in CASCADE_COMMANDS:
         return _cascade(args)
     from clipgen import demo as demo_lib
+    from clipgen.train import loop
 
-    demo_lib.run(args.workdir, minutes=args.minutes)
+    try:
+        demo_lib.run(args.workdir, minutes=args.minutes)
+    except loop.Preempted as stop:
+        print(f"clipgen demo: {stop}; run it again to resume", file=sys.stderr)
+    except loop.NonFiniteError as error:
+        print(f"clipgen demo: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
