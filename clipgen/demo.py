@@ -60,12 +60,12 @@ class StagePlan:
 
 
 PLAN = (
-    StagePlan("clip", "clip", 0.25, 120.0, 0.3),
-    StagePlan("prior", "prior", 0.08, 180.0, 1.2),
-    StagePlan("decoder", "decoder", 0.41, 200.0, 0.8),
-    StagePlan("upsampler", "upsampler", 0.05, 300.0, 0.5),
-    StagePlan("upsampler2", "upsampler", 0.05, 150.0, 0.6),
-)  # the remaining 0.16: the dataset, the stages' own scores, the cascade's, the grids
+    StagePlan("clip", "clip", 0.26, 85.0, 0.2),
+    StagePlan("prior", "prior", 0.10, 130.0, 1.2),
+    StagePlan("decoder", "decoder", 0.40, 230.0, 0.5),
+    StagePlan("upsampler", "upsampler", 0.05, 230.0, 0.3),
+    StagePlan("upsampler2", "upsampler", 0.05, 230.0, 0.3),
+)  # the remaining 0.14: the dataset, the stages' own scores, the cascade's, the grids
 STAGE_MODULES = {
     "clip": "clipgen.train.clip",
     "prior": "clipgen.train.prior",
@@ -75,6 +75,7 @@ STAGE_MODULES = {
 # Stage evaluations after training, cut to what the budget affords.
 EVAL_EXAMPLES = {"clip": 500, "prior": 200, "decoder": 64, "upsampler": 32}
 SCORED_CAPTIONS = 64  # per split, for the cascade's oracle and CLIP score
+EMBEDDED_TRAIN_EXAMPLES = 10_000  # train-split embeddings for the prior and the decoder
 
 
 def cascade_configs(
@@ -93,12 +94,15 @@ def cascade_configs(
     length = clip.data.context_length
     configs["prior"].model.update(embedding_dim=dim, text_token_dim=width, num_text_tokens=length)
     configs["decoder"].model.update(clip_embed_dim=dim, text_width=width, num_text_tokens=length)
+    embedded = configs["prior"].data.num_examples.to_dict()
+    if minutes is not None:
+        embedded["train"] = min(embedded["train"], EMBEDDED_TRAIN_EXAMPLES)
     for name in ("prior", "decoder"):
         configs[name].data.update(
             embeddings=str(workdir / "embeddings"),
             clip_workdir=str(workdir / "clip"),
             clip_preset=preset,
-            num_examples=configs["prior"].data.num_examples.to_dict(),
+            num_examples=embedded,
         )
     size = configs["decoder"].data.resolution
     for name in ("upsampler", "upsampler2"):
