@@ -60,11 +60,11 @@ class StagePlan:
 
 
 PLAN = (
-    StagePlan("clip", "clip", 0.26, 85.0, 0.2),
+    StagePlan("clip", "clip", 0.26, 77.0, 0.2),
     StagePlan("prior", "prior", 0.10, 130.0, 1.2),
-    StagePlan("decoder", "decoder", 0.40, 230.0, 0.5),
-    StagePlan("upsampler", "upsampler", 0.05, 230.0, 0.3),
-    StagePlan("upsampler2", "upsampler", 0.05, 230.0, 0.3),
+    StagePlan("decoder", "decoder", 0.40, 205.0, 0.5),
+    StagePlan("upsampler", "upsampler", 0.05, 195.0, 0.3),
+    StagePlan("upsampler2", "upsampler", 0.05, 185.0, 0.3),
 )  # the remaining 0.14: the dataset, the stages' own scores, the cascade's, the grids
 STAGE_MODULES = {
     "clip": "clipgen.train.clip",
