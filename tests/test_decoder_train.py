@@ -7,6 +7,8 @@ import pytest
 from flax import linen as nn
 
 from clipgen.data import degrade
+from clipgen.models import upsampler as upsampler_module
+from clipgen.pipelines.decoder import sample_upsampler
 from clipgen.train import config as config_lib
 from clipgen.train import decoder as decoder_stage
 from clipgen.train import loop
@@ -83,3 +85,27 @@ def test_tiny_upsamplers_train_and_report_psnr(preset, tmp_path):
     assert int(state.step) == config.total_steps
     assert set(scores) == {"test/psnr", "test/bicubic_psnr"}
     assert all(np.isfinite(v) for v in scores.values())
+
+
+def test_residual_upsampler_starts_from_the_bicubic_resize():
+    """With its zero-initialised output convolution an untrained x0-predicting residual
+    upsampler predicts a zero residual at every step, so DDIM returns the bicubic resize;
+    training pairs carry the residual."""
+    config = config_lib.load_preset("upsampler", "tiny")
+    config.model.update(resize="bicubic", residual=True)
+    config.diffusion.prediction = "x0"
+    module = upsampler_stage.build_model(config)
+    params = nn.meta.unbox(
+        upsampler_module.init_upsampler(module, jax.random.key(0), 16, 8)["params"]
+    )
+    low = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+    resized = upsampler_module.resize_low_res(low, 16, 16, "bicubic")
+    diffusion = decoder_stage.build_diffusion(config, "ddim5")
+    sampled = sample_upsampler(module, params, diffusion, low, jax.random.key(2), 16)
+    np.testing.assert_allclose(sampled, np.clip(resized, -1, 1), atol=1e-6)
+    high = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
+    target = upsampler_module.to_target(module.config, high, low)
+    np.testing.assert_allclose(target, high - resized, atol=1e-6)
+    np.testing.assert_allclose(
+        upsampler_module.from_target(module.config, target, low), high, atol=1e-6
+    )

@@ -6,6 +6,10 @@ any size that is a multiple of the UNet's total downsampling, e.g. on training c
 The resize: "bilinear" is GLIDE's (torch `interpolate(mode="bilinear")`); "bicubic" is the
 diffusers Karlo pipeline's (torch `interpolate(mode="bicubic", antialias=True)`, whose cubic
 kernel, a=-0.5, is jax.image's; plain torch bicubic uses a=-0.75 and differs); "nearest".
+
+With `residual` the diffusion runs on the residual of the image over the resized low-
+resolution image (SRDiff's choice) instead of on the image itself (the paper's, Karlo's):
+the network is the same; `to_target` and `from_target` convert between the two.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ RESIZE_METHODS = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"
 @dataclasses.dataclass(frozen=True)
 class UpsamplerConfig:
     """The upsampler's UNet (`in_channels` = 2 x image channels, no `encoder_dim`) and how the
-    low-resolution image is resized: "bilinear", "bicubic" or "nearest"."""
+    low-resolution image is resized: "bilinear", "bicubic" or "nearest"; `residual`: the
+    diffusion target is the image minus the resized low-resolution image."""
 
     unet: UNetConfig
     resize: str = "bilinear"
+    residual: bool = False
 
     def __post_init__(self):
         if self.resize not in RESIZE_METHODS:
@@ -82,6 +88,27 @@ class Upsampler(nn.Module):
         inputs = jnp.concatenate([x_t.astype(jnp.float32), resized], axis=-1)
         unet = UNet(cfg.unet, self.dtype, name="unet")
         return unet(inputs, timesteps, deterministic=deterministic)
+
+
+def to_target(config: UpsamplerConfig, images: jax.Array, low_res: jax.Array) -> jax.Array:
+    """What the diffusion generates for `images` (B, H, W, C) in [-1, 1]: the images, or with
+    `config.residual` their residual over the resized `low_res`, in [-2, 2]."""
+    if not config.residual:
+        return images
+    return images - resize_low_res(low_res, images.shape[1], images.shape[2], config.resize)
+
+
+def from_target(config: UpsamplerConfig, target: jax.Array, low_res: jax.Array) -> jax.Array:
+    """The images in [-1, 1] a diffusion `target` (to_target's form) stands for."""
+    if not config.residual:
+        return target
+    resized = resize_low_res(low_res, target.shape[1], target.shape[2], config.resize)
+    return jnp.clip(target + resized, -1.0, 1.0)
+
+
+def target_range(config: UpsamplerConfig) -> float:
+    """The bound on |target| (the sampler clips its x0 estimates to it)."""
+    return 2.0 if config.residual else 1.0
 
 
 def init_upsampler(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from clipgen.diffusion import samplers
 from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.decoder import Decoder
-from clipgen.models.upsampler import Upsampler
+from clipgen.models.upsampler import Upsampler, from_target, target_range
 
 # The decoder's condition: image_embed (B, D), text (B, L, C) CLIP token encodings,
 # text_mask (B, L), text_embed (B, D_text).
@@ -91,7 +91,9 @@ def sample_upsampler(
     def model_fn(x_t, t):
         return module.apply({"params": params}, x_t, t, low_res)
 
-    return samplers.sample(diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=1.0)
+    clip = target_range(module.config)
+    target = samplers.sample(diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=clip)
+    return from_target(module.config, target, low_res)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

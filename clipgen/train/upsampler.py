@@ -22,7 +22,7 @@ import numpy as np
 
 from clipgen.data import degrade, pipeline
 from clipgen.models.unet import UNetConfig
-from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
+from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler, to_target
 from clipgen.pipelines.decoder import sample_upsampler, to_uint8
 from clipgen.train.decoder import build_diffusion, to_unit_range
 from clipgen.train.loop import Stage
@@ -31,7 +31,8 @@ from clipgen.train.loop import Stage
 def build_model(config: ml_collections.ConfigDict) -> Upsampler:
     model = config.model
     unet = UNetConfig(**model.unet.to_dict())
-    return Upsampler(UpsamplerConfig(unet, resize=model.resize), dtype=jnp.dtype(model.dtype))
+    upsampler = UpsamplerConfig(unet, resize=model.resize, residual=model.get("residual", False))
+    return Upsampler(upsampler, dtype=jnp.dtype(model.dtype))
 
 
 def crop_pairs(
@@ -100,7 +101,7 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
 
     def loss(params, batch, rng):
         t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-        x0 = batch["image"]
+        x0 = to_target(module.config, batch["image"], batch["low_res"])
 
         def model_fn(x_t, t):
             return module.apply(
