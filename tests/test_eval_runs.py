@@ -449,3 +449,26 @@ def test_convert_inception_cli(inception_weights, tmp_path):
     assert converted.keys() == tensors.keys()
     assert all(np.array_equal(converted[key], tensors[key]) for key in tensors)
     assert cli.main(["convert", "inception", f"--pth={pth}", f"--out={out}"]) == 2  # exists
+
+
+def test_reused_generations_share_equal_requests_within_their_bound():
+    calls = []
+
+    def generate(captions, seed):
+        calls.append((tuple(captions), seed))
+        rng = np.random.default_rng([seed, len(calls)])
+        return rng.integers(0, 256, (len(captions), 4, 4, 3), dtype=np.uint8)
+
+    batch_bytes = 2 * 4 * 4 * 3
+    reused = run.ReusedGenerations(generate, max_bytes=2 * batch_bytes)
+    first = reused(["a", "b"], 7)
+    first[:] = 0  # a caller writing into its images must not change what is reused
+    again = reused(["a", "b"], 7)
+    assert len(calls) == 1 and reused.reused == 2
+    np.testing.assert_array_equal(again, reused(["a", "b"], 7))
+    assert again.any()
+    reused(["a", "b"], 8)  # another seed is another generation
+    reused(["c", "d"], 7)  # the third batch pushes the first out
+    assert len(calls) == 3
+    reused(["a", "b"], 7)
+    assert len(calls) == 4 and calls[-1] == (("a", "b"), 7)

@@ -11,6 +11,7 @@ Generators (`config.generator.type`), each `generate(captions, seed) -> uint8 (N
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 
 GENERATOR_TYPES = ("unclip", "real", "noise")
 DEFAULT_BATCH = 64
+REUSE_BYTES = 1 << 30  # generated images kept for other evaluators asking the same batch
 
 Generator = Callable[[list[str], int], np.ndarray]
 
@@ -114,11 +116,38 @@ def noise_generator(resolution: int) -> Generator:
     return generate
 
 
+class ReusedGenerations:
+    """A deterministic generator that remembers its batches by (captions, seed), so that
+    evaluators asking for the same captions with the same seed (the oracle and the CLIP
+    score on one split) share one generation. Keeps at most `max_bytes` of images, dropping
+    the oldest batches first."""
+
+    def __init__(self, generate: Generator, max_bytes: int = REUSE_BYTES):
+        self.generate = generate
+        self.max_bytes = max_bytes
+        self.reused = 0
+        self._batches: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, captions: list[str], seed: int) -> np.ndarray:
+        key = (tuple(captions), int(seed))
+        if key in self._batches:
+            self.reused += len(captions)
+            return self._batches[key].copy()
+        images = np.asarray(self.generate(captions, seed))
+        self._batches[key] = images
+        self._bytes += images.nbytes
+        while self._bytes > self.max_bytes and self._batches:
+            _, dropped = self._batches.popitem(last=False)
+            self._bytes -= dropped.nbytes
+        return images.copy()
+
+
 def make_generator(config: ml_collections.ConfigDict, caption_sources: Sequence[Any]) -> Generator:
     """The generator `config.generator.type` names."""
     kind = config.generator.type
     if kind == "unclip":
-        return unclip_generator(config)
+        return ReusedGenerations(unclip_generator(config))
     if kind == "real":
         return RealImages(caption_sources, int(config.generator.resolution))
     if kind == "noise":
