@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from clipgen import demo
@@ -50,11 +51,14 @@ def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
     assert decoder.data.clip_workdir == str(tmp_path / "clip")
     sizes = [configs[name].data.resolution for name in ("decoder", "upsampler", "upsampler2")]
     assert sizes == [16, 32, 64]
+    planned_minutes = 0.0
     for plan in demo.PLAN:
         steps = configs[plan.name].total_steps
         minutes = steps / plan.steps_per_minute + plan.setup_minutes
         assert steps == demo.planned_steps(plan, 30.0)
-        assert minutes <= plan.share * 30.0 + 1 / plan.steps_per_minute
+        assert minutes <= plan.share * (30.0 - demo.RESERVED_MINUTES) + 1 / plan.steps_per_minute
+        planned_minutes += minutes
+    assert planned_minutes + demo.RESERVED_MINUTES <= 30.0
     longer = demo.cascade_configs(tmp_path, "demo", 60.0)
     assert longer["decoder"].total_steps > decoder.total_steps
-    assert sum(plan.share for plan in demo.PLAN) < 1.0
+    assert sum(plan.share for plan in demo.PLAN) == pytest.approx(1.0)
