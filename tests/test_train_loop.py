@@ -209,6 +209,7 @@ def test_deadline_stops_after_saving_and_the_run_resumes_to_the_end(tmp_path):
     stage = denoiser_stage.make_stage(config)
     stopped = loop.train(config, tmp_path, stage, jax.devices()[:1], deadline=time.time() - 1)
     assert int(stopped.step) == 1  # a passed deadline still lets one step run, then saves
+    assert list(_losses(tmp_path)) == [1]  # and logs the metrics of the steps it ran
     saved = checkpoint.Checkpointer(tmp_path / "checkpoints")
     assert saved.all_steps() == [1]
     saved.close()

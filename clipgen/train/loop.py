@@ -117,7 +117,8 @@ def train(
                 for hook in hooks:
                     hook(step)
                 last = step == config.total_steps
-                if step % config.log_every == 0 or last:
+                out_of_time = deadline is not None and time.time() > deadline and not last
+                if step % config.log_every == 0 or last or out_of_time:
                     _write_window(writer, step, window)
                     window = []
                     _check_finite(config, train_state, checkpointer)
@@ -138,7 +139,7 @@ def train(
                     save(force=True)
                     checkpointer.wait()
                     raise Preempted(f"pre-empted at step {step}; checkpoint saved")
-                if deadline is not None and time.time() > deadline and not last:
+                if out_of_time:
                     save(force=True)
                     logging.warning(
                         "%s: out of time at step %d of %d; checkpoint saved",
