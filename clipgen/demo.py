@@ -4,8 +4,8 @@ within a time budget.
 It builds the shapes dataset through its tfds builder (grids of the true renders, the
 oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
 upsamplers with their `demo` presets, one after the other. `minutes` is the whole run's
-budget: what the stages' own scores, the cascade's scoring and the grids take
-(RESERVED_MINUTES, as measured) is set aside, and each stage trains for the steps its
+budget: what the data set, the cascade's scoring and the grids take (RESERVED_MINUTES, as
+measured) is set aside, and each stage trains for the steps its
 share of the rest buys at its preset's speed measured on a 2-core CPU, and stops at its
 deadline on a slower machine; stages already trained in the workdir resume. Then it
 scores the cascade with the `shapes` evaluation (oracle accuracies on test and held-out
@@ -41,19 +41,18 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
     num_examples={"train": 2000, "test": 200, "heldout": 200},
 )
 DEFAULT_MINUTES = 30.0
-# Not training: the stages' own scores, the cascade's scoring and the grids
-# took 6.5 to 7.4 min of the 30- and 15-minute runs (report.json "minutes"), 1.5 of it the
-# CLIP score generating again what the oracle had generated, which it now reuses.
-RESERVED_MINUTES = 6.0
+# What is not a stage: building the data set, the cascade's scoring and the grids took 3.1
+# min of a 30-minute run (report.json "minutes"; the CLIP score reusing the oracle's images).
+RESERVED_MINUTES = 3.5
 MIN_STEPS = 50
 
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     """One stage of the demo: its run directory under the workdir, its config file, its
-    share of the training budget, and its `demo` preset's training speed and set-up time (compile;
-    for the prior also embedding the splits) on a 2-core CPU, which turn minutes into
-    steps."""
+    share of the training budget, and its `demo` preset's training speed and the minutes
+    it spends not training (compiling, its own evaluation; for the prior also embedding
+    the splits) on a 2-core CPU, which turn minutes into steps."""
 
     name: str
     config_file: str
@@ -65,12 +64,12 @@ class StagePlan:
         return f"second_{preset}" if self.name == "upsampler2" else preset
 
 
-PLAN = (
-    StagePlan("clip", "clip", 0.30, 77.0, 0.2),
-    StagePlan("prior", "prior", 0.12, 130.0, 1.2),
-    StagePlan("decoder", "decoder", 0.44, 205.0, 0.5),
-    StagePlan("upsampler", "upsampler", 0.07, 195.0, 0.3),
-    StagePlan("upsampler2", "upsampler", 0.07, 185.0, 0.3),
+PLAN = (  # speeds and set-up minutes as a 30-minute run measured them on an idle machine
+    StagePlan("clip", "clip", 0.30, 89.0, 0.3),
+    StagePlan("prior", "prior", 0.12, 143.0, 0.8),
+    StagePlan("decoder", "decoder", 0.44, 270.0, 1.0),
+    StagePlan("upsampler", "upsampler", 0.07, 346.0, 0.45),
+    StagePlan("upsampler2", "upsampler", 0.07, 330.0, 0.6),
 )
 STAGE_MODULES = {
     "clip": "clipgen.train.clip",
