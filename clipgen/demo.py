@@ -5,9 +5,9 @@ It builds the shapes dataset through its tfds builder (grids of the true renders
 oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
 upsamplers with their `demo` presets, one after the other. `minutes` is the whole run's
 budget: what the data set, the cascade's scoring and the grids take (RESERVED_MINUTES, as
-measured) is set aside, and each stage trains for the steps its
-share of the rest buys at its preset's speed measured on a 2-core CPU, and stops at its
-deadline on a slower machine; stages already trained in the workdir resume. Then it
+measured) is set aside, and each stage trains for the steps its share of the rest buys
+at its preset's speed measured on a 2-core CPU, and stops at its deadline on a slower
+machine; stages already trained in the workdir resume. Then it
 scores the cascade with the `shapes` evaluation (oracle accuracies on test and held-out
 captions, CLIP score, CLIP-space Frechet distance), draws `samples.png` (test captions
 under their images) and the variation, interpolation and text-diff grids, and writes

@@ -105,13 +105,13 @@ def get_config(arg: str | None = None):
         config.checkpoint.every = 5000
         config.eval_every = 10_000
     elif preset == "demo":
-        # PSNR of DDIM samples from clean 2x-downsampled test renders, against bicubic's
-        # 30.57 (16->32) and 33.10 dB (32->64), measured on this CPU: predicting the image's
-        # eps, 19.0 after 1,000 steps (its x0 estimate at t=999: 4.5 dB); its v, 24.5 and 20.9
-        # after 276; the v of its residual over the bilinear resize, 27.1 and 24.2 after 300;
-        # the residual over the bicubic resize itself (x0), 30.3 (31.0 after 700) and, with
-        # blur instead of BSR, 33.2 after 300. BSR, made for 256 px, taught the 32->64 model
-        # to undo damage that clean inputs lack (24.1 dB).
+        # PSNR of DDIM samples from clean 2x-downsampled test renders, measured on this CPU.
+        # 16->32 and 32->64 after 300 steps (bicubic: 30.57 and 33.10 dB): v of the residual
+        # over the bilinear resize 27.1 and 24.2; the residual over the bicubic resize itself
+        # (x0) 30.3 (31.0 after 700) and, with blur instead of BSR, 33.2 (24.1 with BSR, made
+        # for 256 px: it taught the model to undo damage that clean inputs lack). v of the
+        # image scored 24.5 and 20.9 after 276 steps (bicubic 30.35, 32.97); eps of the
+        # image, at 24->48, 19.0 after 1,000 (bicubic 31.4).
         config.model.resize = "bicubic"
         config.model.residual = True
         config.diffusion.prediction = "x0"
