@@ -160,13 +160,13 @@ def run(
     configs = cascade_configs(workdir, preset, minutes)
     report["stages"] = {}
     if minutes is not None:
-        training_end = time.time() + 60 * training_minutes(minutes)
+        training_seconds = 60 * training_minutes(minutes)
+        training_end = time.time() + training_seconds
     for plan in PLAN:
         stage_started = time.perf_counter()
         deadline = None
         if minutes is not None:
-            own = time.time() + 1.1 * 60 * plan.share * training_minutes(minutes)
-            deadline = min(own, max(training_end, time.time()))
+            deadline = min(time.time() + 1.1 * plan.share * training_seconds, training_end)
         report["stages"][plan.name] = _train_stage(plan, configs[plan.name], workdir, deadline)
         report["minutes"][plan.name] = _minutes_since(stage_started)
     scoring_started = time.perf_counter()
