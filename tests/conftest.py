@@ -1,5 +1,6 @@
-"""Test set-up: 8 fake CPU devices (so sharded code runs on a real mesh) and a persistent
-compilation cache (so reruns skip XLA compiles). Both must happen before JAX starts."""
+"""Test set-up: 8 fake CPU devices (so sharded code runs on a real mesh), clipgen's XLA:CPU
+flags and a persistent compilation cache (so reruns skip XLA compiles). All must happen
+before JAX starts."""
 
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+import clipgen  # noqa: E402, F401  (adds clipgen's XLA:CPU flags before JAX starts)
 
 _CACHE = Path(os.environ.get("CLIPGEN_TEST_JAX_CACHE", Path(__file__).parents[1] / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
