@@ -141,6 +141,15 @@ def planned_steps(plan: StagePlan, minutes: float) -> int:
     return max(MIN_STEPS, int(stage_minutes * plan.steps_per_minute))
 
 
+def stage_deadline(index: int, now: float, training_end: float, training_seconds: float) -> float:
+    """When stage `PLAN[index]`, starting at `now`, must stop: after 1.1 times its share of
+    the training seconds, and soon enough to leave each later stage half its share (on a
+    slow machine an overrun would otherwise leave the last upsampler a single step)."""
+    later_share = sum(plan.share for plan in PLAN[index + 1 :])
+    own_end = now + 1.1 * PLAN[index].share * training_seconds
+    return min(own_end, training_end - 0.5 * later_share * training_seconds)
+
+
 def run(
     workdir: str | Path,
     data: shapes_tfds.ShapesConfig = DEMO_DATA,
@@ -150,7 +159,7 @@ def run(
     """Run the demo in `workdir` with each stage's `preset` within `minutes` (None: train
     each preset's own steps, no deadlines); returns the report also written to
     report.json. An overrunning stage takes its time from the stages after it, not from
-    the budget."""
+    the budget, but leaves each of them at least half its share."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -162,11 +171,11 @@ def run(
     if minutes is not None:
         training_seconds = 60 * training_minutes(minutes)
         training_end = time.time() + training_seconds
-    for plan in PLAN:
+    for index, plan in enumerate(PLAN):
         stage_started = time.perf_counter()
         deadline = None
         if minutes is not None:
-            deadline = min(time.time() + 1.1 * plan.share * training_seconds, training_end)
+            deadline = stage_deadline(index, time.time(), training_end, training_seconds)
         report["stages"][plan.name] = _train_stage(plan, configs[plan.name], workdir, deadline)
         report["minutes"][plan.name] = _minutes_since(stage_started)
     scoring_started = time.perf_counter()

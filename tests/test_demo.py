@@ -62,3 +62,20 @@ def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
     longer = demo.cascade_configs(tmp_path, "demo", 60.0)
     assert longer["decoder"].total_steps > decoder.total_steps
     assert sum(plan.share for plan in demo.PLAN) == pytest.approx(1.0)
+
+
+def test_stage_deadlines_keep_time_for_later_stages():
+    """On schedule a stage may run 1.1x its share; however late it starts, it stops with
+    at least half of every later stage's share left before the end of training."""
+    seconds, end = 1000.0, 1000.0
+    start = 0.0
+    for index, plan in enumerate(demo.PLAN):
+        later = sum(p.share for p in demo.PLAN[index + 1 :])
+        on_time = demo.stage_deadline(index, start, end, seconds)
+        assert on_time == pytest.approx(min(start + 1.1 * plan.share * seconds, end))
+        for late in (start, start + 100.0, end - 1.0, end + 50.0):
+            deadline = demo.stage_deadline(index, late, end, seconds)
+            assert deadline <= late + 1.1 * plan.share * seconds + 1e-9
+            assert end - deadline >= 0.5 * later * seconds - 1e-9
+        start += plan.share * seconds
+    assert demo.stage_deadline(len(demo.PLAN) - 1, end + 5.0, end, seconds) == end
