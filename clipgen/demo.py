@@ -6,8 +6,9 @@ oracle scored on them), then trains CLIP, the diffusion prior, the decoder and b
 upsamplers with their `demo` presets, one after the other. `minutes` is the whole run's
 budget: what the data set, the cascade's scoring and the grids take (RESERVED_MINUTES, as
 measured) is set aside, and each stage trains for the steps its share of the rest buys
-at its preset's speed measured on a 2-core CPU, and stops at its deadline on a slower
-machine; stages already trained in the workdir resume. Then it
+at its preset's speed measured on a 2-core CPU, slowed to the pace the stage before it
+kept on this machine if that was slower, and stops at its deadline; stages already
+trained in the workdir resume. Then it
 scores the cascade with the `shapes` evaluation (oracle accuracies on test and held-out
 captions, CLIP score, CLIP-space Frechet distance), draws `samples.png` (test captions
 under their images) and the variation, interpolation and text-diff grids, and writes
@@ -22,6 +23,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -45,6 +47,7 @@ DEFAULT_MINUTES = 30.0
 # min of a 30-minute run (report.json "minutes"; the CLIP score reusing the oracle's images).
 RESERVED_MINUTES = 3.5
 MIN_STEPS = 50
+MIN_TIMED_STEPS = 20  # a stage's measured speed sets the pace only over this many steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +127,13 @@ def cascade_configs(
             config.eval.num_examples = min(config.eval.num_examples, limit)
             config.eval.batch_size = min(config.eval.batch_size, config.eval.num_examples)
         if minutes is not None:
-            steps = planned_steps(plan, minutes)
-            config.total_steps = steps
-            config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+            _set_steps(config, planned_steps(plan, minutes))
     return configs
+
+
+def _set_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    config.total_steps = steps
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
 
 
 def training_minutes(minutes: float) -> float:
@@ -135,10 +141,33 @@ def training_minutes(minutes: float) -> float:
     return max(minutes - RESERVED_MINUTES, 0.0)
 
 
-def planned_steps(plan: StagePlan, minutes: float) -> int:
-    """The steps `plan`'s share of a `minutes` run buys at its measured speed."""
+def planned_steps(plan: StagePlan, minutes: float, pace: float = 1.0) -> int:
+    """The steps `plan`'s share of a `minutes` run buys at its measured speed times `pace`
+    (this machine's speed relative to the one the plan was measured on)."""
     stage_minutes = plan.share * training_minutes(minutes) - plan.setup_minutes
-    return max(MIN_STEPS, int(stage_minutes * plan.steps_per_minute))
+    return max(MIN_STEPS, int(stage_minutes * plan.steps_per_minute * pace))
+
+
+class StepTimer:
+    """A training-loop hook that measures a stage's steps per minute from its first step's
+    end on, so compiling the step is left out (loading, checkpoints and logging are in)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._first: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
+
+    def __call__(self, step: int) -> None:
+        now = (step, self._clock())
+        self._first = self._first or now
+        self._last = now
+
+    @property
+    def steps_per_minute(self) -> float | None:
+        """None until MIN_TIMED_STEPS steps after the first were timed."""
+        if self._first is None or self._last[0] - self._first[0] < MIN_TIMED_STEPS:
+            return None
+        return 60.0 * (self._last[0] - self._first[0]) / (self._last[1] - self._first[1])
 
 
 def stage_deadline(index: int, now: float, training_end: float, training_seconds: float) -> float:
@@ -158,8 +187,10 @@ def run(
 ) -> dict:
     """Run the demo in `workdir` with each stage's `preset` within `minutes` (None: train
     each preset's own steps, no deadlines); returns the report also written to
-    report.json. An overrunning stage takes its time from the stages after it, not from
-    the budget, but leaves each of them at least half its share."""
+    report.json. A stage plans its steps at the pace of the stage before it when that
+    trained slower than its plan, so its schedule still ends within its share; an
+    overrunning stage takes its time from the stages after it, not from the budget, but
+    leaves each of them at least half its share."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -171,12 +202,20 @@ def run(
     if minutes is not None:
         training_seconds = 60 * training_minutes(minutes)
         training_end = time.time() + training_seconds
+    pace = 1.0
     for index, plan in enumerate(PLAN):
         stage_started = time.perf_counter()
-        deadline = None
+        config, deadline = configs[plan.name], None
         if minutes is not None:
             deadline = stage_deadline(index, time.time(), training_end, training_seconds)
-        report["stages"][plan.name] = _train_stage(plan, configs[plan.name], workdir, deadline)
+            _set_steps(config, planned_steps(plan, minutes, pace))
+        timer = StepTimer()
+        result = _train_stage(plan, config, workdir, deadline, timer)
+        speed = timer.steps_per_minute
+        result.update(planned_pace=round(pace, 3), steps_per_minute=speed and round(speed, 1))
+        if speed is not None:
+            pace = min(1.0, speed / plan.steps_per_minute)
+        report["stages"][plan.name] = result
         report["minutes"][plan.name] = _minutes_since(stage_started)
     scoring_started = time.perf_counter()
     report["scores"] = _score_cascade(workdir, preset)
@@ -218,16 +257,20 @@ def _true_renders(workdir: Path, data: shapes_tfds.ShapesConfig) -> dict:
 
 
 def _train_stage(
-    plan: StagePlan, config: ml_collections.ConfigDict, workdir: Path, deadline: float | None
+    plan: StagePlan,
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    deadline: float | None,
+    timer: StepTimer,
 ) -> dict:
-    """Train (or resume) one stage in workdir/<name>, then score it with its own
-    evaluation."""
+    """Train (or resume) one stage in workdir/<name>, timing its steps with `timer`, then
+    score it with its own evaluation."""
     from clipgen.train import loop
 
     stage_module = importlib.import_module(STAGE_MODULES[plan.config_file])
     stage = stage_module.make_stage(config)
     train_started = time.perf_counter()
-    state = loop.train(config, workdir / plan.name, stage, deadline=deadline)
+    state = loop.train(config, workdir / plan.name, stage, deadline=deadline, hooks=[timer])
     result = {
         "steps": int(state.step),
         "planned_steps": int(config.total_steps),

@@ -28,6 +28,7 @@ def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
     for plan in demo.PLAN:
         assert report["stages"][plan.name]["steps"] == configs[plan.name].total_steps
         assert report["minutes"][plan.name] >= 0
+        assert report["stages"][plan.name]["planned_pace"] == 1.0  # no deadlines, no pace
     assert set(report["stages"]["clip"]["scores"]) >= {"test/text_to_image_top1"}
     assert {"test/psnr", "test/bicubic_psnr"} <= set(report["stages"]["upsampler2"]["scores"])
     oracle = report["scores"]["oracle"]
@@ -79,3 +80,19 @@ def test_stage_deadlines_keep_time_for_later_stages():
             assert end - deadline >= 0.5 * later * seconds - 1e-9
         start += plan.share * seconds
     assert demo.stage_deadline(len(demo.PLAN) - 1, end + 5.0, end, seconds) == end
+
+
+def test_step_timer_leaves_out_the_first_step_and_sets_a_slower_pace():
+    times = iter([100.0, 101.0, 101.5, *(101.5 + 0.5 * k for k in range(1, 40))])
+    timer = demo.StepTimer(clock=lambda: next(times))
+    timer(1)  # after compiling: the clock starts here
+    for step in range(2, 2 + demo.MIN_TIMED_STEPS - 1):
+        timer(step)
+    assert timer.steps_per_minute is None  # too few steps timed
+    timer(1 + demo.MIN_TIMED_STEPS)
+    elapsed = 1.0 + 0.5 * (demo.MIN_TIMED_STEPS - 1)
+    assert timer.steps_per_minute == pytest.approx(60.0 * demo.MIN_TIMED_STEPS / elapsed)
+    plan = demo.PLAN[2]
+    full = demo.planned_steps(plan, 30.0)
+    assert demo.planned_steps(plan, 30.0, pace=0.5) == pytest.approx(full / 2, abs=1)
+    assert demo.planned_steps(plan, 30.0, pace=0.0) == demo.MIN_STEPS

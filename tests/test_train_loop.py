@@ -213,8 +213,10 @@ def test_deadline_stops_after_saving_and_the_run_resumes_to_the_end(tmp_path):
     saved = checkpoint.Checkpointer(tmp_path / "checkpoints")
     assert saved.all_steps() == [1]
     saved.close()
-    resumed = loop.train(config, tmp_path, stage, jax.devices()[:1])
+    steps_seen = []
+    resumed = loop.train(config, tmp_path, stage, jax.devices()[:1], hooks=[steps_seen.append])
     assert int(resumed.step) == config.total_steps
+    assert steps_seen == list(range(2, config.total_steps + 1))  # the hook sees each new step
     _assert_trees_close(resumed.params, _restore(tmp_path / "whole").params, rtol=1e-6)
 
 

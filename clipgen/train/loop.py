@@ -70,10 +70,12 @@ def train(
     devices: Sequence[jax.Device] | None = None,
     *,
     deadline: float | None = None,
+    hooks: Sequence[Callable[[int], None]] = (),
 ) -> state_lib.TrainState:
     """Train `stage` for `config.total_steps` steps in `workdir`, resuming from its newest
     checkpoint; the mesh spans `devices` (default: all). With `deadline` (a `time.time()`
-    value) it stops early once that has passed, after saving a checkpoint. Raises
+    value) it stops early once that has passed, after saving a checkpoint. `hooks` are
+    called with the step number after each step, beside the loop's own progress report. Raises
     `Preempted` after saving when SIGTERM arrives, `NonFiniteError` when a non-finite loss
     or gradient appears and `config.on_nonfinite == "stop"`."""
     workdir = Path(workdir)
@@ -96,7 +98,7 @@ def train(
     step_fn = run.step
     evaluators = _build_evaluators(config, stage, mesh)
     writer = _metric_writer(workdir)
-    hooks = _progress_hooks(config, writer)
+    hooks = [*_progress_hooks(config, writer), *hooks]
     start_step = int(jax.device_get(train_state.step))
     batches = stage.batches(first_batch, batch_size)
     stop_signal = _SigtermFlag()
