@@ -213,7 +213,7 @@ def run(
         result = _train_stage(plan, config, workdir, deadline, timer)
         speed = timer.steps_per_minute
         result.update(planned_pace=round(pace, 3), steps_per_minute=speed and round(speed, 1))
-        if speed is not None:
+        if speed is not None and minutes is not None:
             pace = min(1.0, speed / plan.steps_per_minute)
         report["stages"][plan.name] = result
         report["minutes"][plan.name] = _minutes_since(stage_started)
