@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from clipgen.models.layers import dot_product_attention
+
 # HF's `config.eos_token_id == 2` marks configs written before transformers PR #24773;
 # for those the text tower pools at argmax(input_ids), as OpenAI's CLIP does.
 LEGACY_EOS_TOKEN_ID = 2
@@ -127,13 +129,7 @@ class SelfAttention(nn.Module):
             return t.reshape(batch, length, self.heads, head_dim)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        if mask is not None:
-            # A finite minimum, as HF's eager attention adds: a fully masked row turns uniform.
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, self.width)
-        return self.out(attended)
+        return self.out(dot_product_attention(q, k, v, mask=mask, dtype=self.dtype))
 
 
 class MLP(nn.Module):

@@ -11,7 +11,6 @@ boxed in `nn.LogicallyPartitioned`; `clipgen.weights.load_prior` returns them un
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from clipgen.models.layers import timestep_embedding
+from clipgen.models.layers import dot_product_attention, timestep_embedding
 
 # diffusers' additive attention bias for masked keys. Finite, so biases add up (a key both
 # padded and in the future gets twice it) and a row with every key masked still attends.
@@ -175,11 +174,7 @@ class PriorAttention(nn.Module):
             return t.reshape(batch, length, self.heads, head_dim)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        if bias is not None:
-            scores = scores + bias
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, self.width)
+        attended = dot_product_attention(q, k, v, bias=bias, dtype=self.dtype)
         return self.out_dropout(self.out(attended), deterministic=deterministic)
 
 

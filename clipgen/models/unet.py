@@ -15,14 +15,13 @@ variables whose kernels carry logical axis names (conv output channels are "conv
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from clipgen.models.layers import timestep_embedding
+from clipgen.models.layers import dot_product_attention, timestep_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +244,7 @@ class AttentionBlock(nn.Module):
                 pixels = jnp.ones((batch, height * width), bool)
                 mask = jnp.concatenate([jnp.asarray(encoder_mask, bool), pixels], axis=1)
                 mask = mask[:, None, None, :]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-        scores = scores / math.sqrt(head_dim)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(h.shape)
+        attended = dot_product_attention(query, key, value, mask=mask, dtype=self.dtype)
         out = _dense(channels, ("heads", "embed"), self.dtype, "out", zero_init=True)(attended)
         return x + out.reshape(x.shape)
 
