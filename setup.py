@@ -54,7 +54,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["clipgen", "clipgen.*"]),
+    # The stage configs live at the top of the checkout (configs/) and ship as
+    # clipgen.configs, so that an installed clipgen finds its presets anywhere.
+    packages=[*find_packages(include=["clipgen", "clipgen.*"]), "clipgen.configs"],
+    package_dir={"clipgen.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["clipgen=clipgen.cli:main"]},

@@ -34,8 +34,8 @@ def main(argv: list[str]) -> list[dict]:
 
     import jax
 
-    from clipgen.cli import load_stage_module
-    from clipgen.train import config as config_lib
+    from clipgen import config as config_lib
+    from clipgen import train
     from clipgen.train import loop
 
     results = []
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> list[dict]:
             config.data.embeddings = "synthetic"  # the step's shapes only; no data is read
             config.data.num_examples = dict(train=8)
         config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
-        stage = load_stage_module(config.stage).make_stage(config)
+        stage = train.trainer(config.stage).make_stage(config)
         start = time.perf_counter()
         run = loop.prepare(config, stage, compile_step=False)
         seconds = time.perf_counter() - start

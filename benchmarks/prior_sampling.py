@@ -34,19 +34,21 @@ def main(argv: list[str]) -> dict:
     from flax import linen as nn
     from train_step import matmul_peak_flops, step_flops  # benchmarks/ is on sys.path
 
-    from clipgen.pipelines.prior import sample_prior
-    from clipgen.train import prior as prior_stage
+    from clipgen import build
+    from clipgen.data.embeddings import synthetic_split
+    from clipgen.models.prior import init_prior
+    from clipgen.sampling import sample_prior
 
-    module = prior_stage.build_model(config)
-    params = nn.meta.unbox(prior_stage.init_prior(module, jax.random.key(0)))["params"]
+    module = build.module(config)
+    params = nn.meta.unbox(init_prior(module, jax.random.key(0)))["params"]
     model = config.model
-    data = prior_stage.synthetic_split(
+    data = synthetic_split(
         args.captions, 1, model.embedding_dim, model.num_text_tokens, model.text_token_dim
     )
-    cond = {k: data[k] for k in prior_stage.CONDITION_FIELDS}
+    cond = {k: data[k] for k in ("text_embed", "text_tokens", "text_mask")}
 
     def program(steps: int):
-        diffusion = prior_stage.build_diffusion(config, str(steps))
+        diffusion = build.diffusion(config, str(steps))
 
         def draw(params, cond, rng):
             return sample_prior(

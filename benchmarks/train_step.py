@@ -17,7 +17,8 @@ import statistics
 import sys
 import time
 
-from clipgen.cli import load_config, load_stage_module
+from clipgen import train
+from clipgen.cli import load_config
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> dict:
     from clipgen import parallel
     from clipgen.train import loop
 
-    stage = load_stage_module(config.stage).make_stage(config)
+    stage = train.trainer(config.stage).make_stage(config)
     run = loop.prepare(config, stage)
     state = run.init_state()
     batches = stage.batches(0, config.batch_size)

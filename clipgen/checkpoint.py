@@ -1,9 +1,10 @@
 """Checkpoints: a thin layer over orbax's CheckpointManager.
 
-One composite item per thing: `state` (step, parameters, optimizer state, RNG, counters),
-`ema` (the EMA parameters), `config` (JSON), `data` (the input iterator's position) and
-`meta` (clipgen version and stage). Saves are async and atomic (orbax writes to a
-temporary directory and renames it); restores land straight on the target sharding.
+One composite item per thing: `state` (every field of the train state but its `ema`: step,
+parameters, optimizer state, RNG, counters), `ema` (the EMA parameters), `config` (JSON),
+`data` (the input iterator's position) and `meta` (clipgen version and stage). Saves are
+async and atomic (orbax writes to a temporary directory and renames it); restores land
+straight on the target sharding.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 import clipgen
-from clipgen.train.state import TrainState
 
 # Config sections whose values fix the shapes of what a checkpoint holds.
 SHAPE_KEYS = ("model",)
@@ -29,6 +29,10 @@ SHAPE_KEYS = ("model",)
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model than the one being restored."""
+
+
+# A train state: a dataclass (clipgen.train.state.TrainState) with a `step` and an `ema` field.
+TrainState = Any
 
 
 @dataclasses.dataclass
@@ -153,7 +157,7 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        state = TrainState(**restored["state"], ema=restored["ema"])
+        state = type(abstract_state)(**restored["state"], ema=restored["ema"])
         return Restored(state=state, data=restored["data"], step=step)
 
     def _skip(self, step: int, error: Exception, errors: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The `clipgen` command.
 
   clipgen train --config configs/<stage>.py:<preset> --workdir DIR [--config.key=value ...]
-  clipgen embed --config configs/clip.py:<preset> --workdir CLIP_RUN --out DIR [--split test]
+  clipgen embed --workdir CLIP_RUN --out DIR [--split test] [--config configs/clip.py:<preset>]
   clipgen shapes --data-dir DIR [--preset small|cascade|tiny]
   clipgen demo [--workdir DIR] [--minutes 30]
   clipgen eval --config configs/eval.py:<preset> --workdir OUT [--config.key=value ...]
@@ -24,10 +24,10 @@ so a typo fails in a moment.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +134,7 @@ def _add_cascade_commands(commands) -> None:
     common.add_argument("--columns", type=int, default=8, help="images per grid row")
     common.add_argument("--cell", type=int, default=128, help="grid cell size in pixels")
     steps = common.add_argument_group("sampling (default: each stage config's `sample`)")
-    for stage in ("prior", "decoder", "upsampler", "upsampler2", "invert"):
+    for stage in (*_diffusion_stages(), "invert"):
         steps.add_argument(
             f"--{stage}-steps",
             dest=f"{stage}_respacing",
@@ -186,19 +186,9 @@ def _cascade(args: argparse.Namespace) -> int:
     from clipgen import images
     from clipgen.pipelines import manipulate, unclip
 
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "prior_respacing",
-            "decoder_respacing",
-            "upsampler_respacing",
-            "upsampler2_respacing",
-            "invert_respacing",
-            "prior_guidance",
-            "decoder_guidance",
-            "prior_best_of",
-        )
-    }
+    keys = [f"{stage}_respacing" for stage in (*_diffusion_stages(), "invert")]
+    keys += ["prior_guidance", "decoder_guidance", "prior_best_of"]
+    overrides = {key: getattr(args, key) for key in keys}
     settings = {"workdir": args.checkpoints, "preset": args.preset, "sampling": overrides}
     try:
         pipe = unclip.load_pipeline(settings)
@@ -248,6 +238,13 @@ def _cascade(args: argparse.Namespace) -> int:
     grid = images.grid(list(pictures), labels, columns=args.columns, cell=args.cell)
     print(f"wrote {images.save_png(args.out, grid)}")
     return 0
+
+
+def _diffusion_stages() -> list[str]:
+    """The cascade's diffusion stages (clipgen.stages), whose sampling the commands set."""
+    from clipgen import stages
+
+    return [spec.name for spec in stages.cascade() if spec.role != "clip"]
 
 
 def _read_image(path: str):
@@ -316,9 +313,11 @@ def load_config(args: Sequence[str]):
 
     Unknown keys and values of the wrong type raise ValueError naming the key.
     """
+    import ml_collections
     from absl import flags
     from ml_collections import config_flags
 
+    args = _resolved_config_args(args)
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "the stage config file", flag_values=flag_values, lock_config=True
@@ -335,36 +334,58 @@ def load_config(args: Sequence[str]):
         raise ValueError(str(error)) from None
     finally:
         sys.argv = saved_argv
-    if flag_values.config is None:
+    config = flag_values.config
+    if config is None:
         raise ValueError("--config=FILE[:ARG] is required")
-    return flag_values.config
-
-
-def load_stage_module(name: str):
-    """`clipgen.train.<name>`, or an importable module called `name`; it has make_stage."""
-    for module_name in (f"clipgen.train.{name}", name):
+    if not isinstance(config, ml_collections.ConfigDict):  # the file failed to load
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name not in (module_name, "clipgen.train." + name.split(".")[0]):
-                raise
+            config.stage  # noqa: B018 - raises the loading error it holds
+        except OSError as error:
+            raise ValueError(f"--config: {error.__cause__ or error}") from None
+    return config
+
+
+def _resolved_config_args(args: Sequence[str]) -> list[str]:
+    """The arguments with `--config[=]configs/<name>.py[:preset]` pointing at clipgen's own
+    config file when there is no such file here (an installed clipgen run outside its
+    checkout)."""
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg.startswith("--config="):
+            prefix, value = "--config=", arg.removeprefix("--config=")
+        elif index > 0 and resolved[index - 1] == "--config":
+            prefix, value = "", arg
+        else:
             continue
-        if not hasattr(module, "make_stage"):
-            raise ValueError(f"stage module {module_name} has no make_stage(config)")
-        return module
-    raise ValueError(f"config.stage={name!r}: no module clipgen.train.{name} or {name}")
+        path, colon, preset = value.partition(":")
+        if Path(path).exists() or Path(path).parent.name != "configs":
+            continue
+        from clipgen import config as config_lib
+
+        try:
+            resolved[index] = f"{prefix}{config_lib.preset_path(Path(path).stem)}{colon}{preset}"
+        except FileNotFoundError:
+            continue
+    return resolved
 
 
 def _embed(args: argparse.Namespace, config_args: Sequence[str]) -> int:
+    """Embed a split with the CLIP run's stored config (`--config` only for a checkpoint
+    that stores none)."""
     try:
-        config = load_config(config_args)
+        config = load_config(config_args) if config_args else None
     except ValueError as error:
         print(f"clipgen embed: {error}", file=sys.stderr)
         return 2
-    from clipgen import embed
+    from clipgen.pipelines import embed
 
     embed.run(
-        config, args.workdir, args.out, args.split, args.num_examples, shard_size=args.shard_size
+        args.workdir,
+        args.out,
+        args.split,
+        args.num_examples,
+        shard_size=args.shard_size,
+        default_config=config and (lambda: config),
     )
     return 0
 
@@ -379,7 +400,7 @@ def _eval(workdir: str, args: Sequence[str]) -> int:
 
         parallel.initialize_distributed(config)
         report = run.evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, run.GeneratorUnavailable) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"clipgen eval: {error}", file=sys.stderr)
         return 2
     for name, result in report["evals"].items():
@@ -425,7 +446,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(workdir: str, args: Sequence[str]) -> int:
-    from clipgen.train import config as config_lib
+    from clipgen import config as config_lib
 
     try:
         config = load_config(args)
@@ -436,11 +457,16 @@ def _train(workdir: str, args: Sequence[str]) -> int:
     from clipgen import parallel
 
     parallel.initialize_distributed(config)
+    from clipgen import train
+    from clipgen.eval import registry
+    from clipgen.pipelines import embed
     from clipgen.train import loop
 
-    stage = load_stage_module(config.stage).make_stage(config)
+    embed.ensure_embeddings(config)
+    stage = train.trainer(config.stage).make_stage(config)
+    evaluators = registry.training_evaluators(config)
     try:
-        loop.train(config, workdir, stage)
+        loop.train(config, workdir, stage, evaluators=evaluators)
     except loop.Preempted as stop:
         print(f"clipgen train: {stop}", file=sys.stderr)
         return 0

@@ -17,8 +17,6 @@ under their images) and the variation, interpolation and text-diff grids, and wr
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import logging
 import platform
@@ -27,14 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
 import clipgen
-from clipgen import images
+from clipgen import config as config_lib
+from clipgen import images, stages, train
 from clipgen.data import shapes, shapes_tfds
 from clipgen.data.files import atomic_write
 from clipgen.data.pipeline import ProceduralShapes
-from clipgen.train import config as config_lib
+from clipgen.eval import oracle, registry
+from clipgen.pipelines import embed
+from clipgen.stages import StageSpec
 
 DEMO_DATA = shapes_tfds.ShapesConfig(
     name="demo",
@@ -50,36 +50,7 @@ MIN_STEPS = 50
 MIN_TIMED_STEPS = 20  # a stage's measured speed sets the pace only over this many steps
 
 
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-    """One stage of the demo: its run directory under the workdir, its config file, its
-    share of the training budget, and its `demo` preset's training speed and the minutes
-    it spends not training (compiling, its own evaluation; for the prior also embedding
-    the splits) on a 2-core CPU, which turn minutes into steps."""
-
-    name: str
-    config_file: str
-    share: float
-    steps_per_minute: float
-    setup_minutes: float
-
-    def preset(self, preset: str) -> str:
-        return f"second_{preset}" if self.name == "upsampler2" else preset
-
-
-PLAN = (  # speeds and set-up minutes as a 30-minute run measured them on an idle machine
-    StagePlan("clip", "clip", 0.30, 89.0, 0.3),
-    StagePlan("prior", "prior", 0.12, 143.0, 0.8),
-    StagePlan("decoder", "decoder", 0.44, 270.0, 1.0),
-    StagePlan("upsampler", "upsampler", 0.07, 346.0, 0.45),
-    StagePlan("upsampler2", "upsampler", 0.07, 330.0, 0.6),
-)
-STAGE_MODULES = {
-    "clip": "clipgen.train.clip",
-    "prior": "clipgen.train.prior",
-    "decoder": "clipgen.train.decoder",
-    "upsampler": "clipgen.train.upsampler",
-}
+PLAN = stages.demo_stages()  # the stages in order, each with its DemoPlan
 # Stage evaluations after training, cut to what the budget affords.
 EVAL_EXAMPLES = {"clip": 500, "prior": 200, "decoder": 64, "upsampler": 32}
 SCORED_CAPTIONS = 64  # per split, for the cascade's oracle and CLIP score
@@ -94,40 +65,41 @@ def cascade_configs(
     CLIP, each upsampler's resolution from the stage before, one set of embedding shards),
     and sized to a run of `minutes` (None: the presets' own step counts)."""
     workdir = Path(workdir)
-    configs = {
-        plan.name: config_lib.load_preset(plan.config_file, plan.preset(preset)) for plan in PLAN
-    }
-    clip = configs["clip"]
+    configs = {spec.name: spec.config(preset) for spec in PLAN}
+    [clip], [prior], [decoder] = (
+        [configs[spec.name] for spec in PLAN if spec.role == role]
+        for role in ("clip", "prior", "decoder")
+    )
     dim, width = clip.model.projection_dim, clip.model.text.width
     length = clip.data.context_length
-    configs["prior"].model.update(embedding_dim=dim, text_token_dim=width, num_text_tokens=length)
-    configs["decoder"].model.update(clip_embed_dim=dim, text_width=width, num_text_tokens=length)
-    embedded = configs["prior"].data.num_examples.to_dict()
+    prior.model.update(embedding_dim=dim, text_token_dim=width, num_text_tokens=length)
+    decoder.model.update(clip_embed_dim=dim, text_width=width, num_text_tokens=length)
+    embedded = prior.data.num_examples.to_dict()
     if minutes is not None:
         embedded["train"] = min(embedded["train"], EMBEDDED_TRAIN_EXAMPLES)
-    for name in ("prior", "decoder"):
-        configs[name].data.update(
+    for reader in (prior, decoder):
+        reader.data.update(
             embeddings=str(workdir / "embeddings"),
             clip_workdir=str(workdir / "clip"),
             clip_preset=preset,
             num_examples=embedded,
         )
-    size = configs["decoder"].data.resolution
-    for name in ("upsampler", "upsampler2"):
-        data = configs[name].data
-        size *= data.scale
-        data.update(resolution=size, crop=min(data.crop, size))
-    for plan in PLAN:
-        config = configs[plan.name]
+    size = decoder.data.resolution
+    for spec in PLAN:
+        if spec.role == "upsampler":
+            data = configs[spec.name].data
+            size *= data.scale
+            data.update(resolution=size, crop=min(data.crop, size))
+    for spec in PLAN:
+        config = configs[spec.name]
         config.eval_every = 0
-        if "preview_every" in config:
-            config.preview_every = 0
-        if "num_examples" in config.eval:
-            limit = EVAL_EXAMPLES[plan.config_file]
-            config.eval.num_examples = min(config.eval.num_examples, limit)
-            config.eval.batch_size = min(config.eval.batch_size, config.eval.num_examples)
+        config.preview_every = 0
+        for settings in config.evals.values():
+            limit = EVAL_EXAMPLES[spec.config_file]
+            settings.num_examples = min(settings.num_examples, limit)
+            settings.batch_size = min(settings.batch_size, settings.num_examples)
         if minutes is not None:
-            _set_steps(config, planned_steps(plan, minutes))
+            _set_steps(config, planned_steps(spec, minutes))
     return configs
 
 
@@ -141,9 +113,10 @@ def training_minutes(minutes: float) -> float:
     return max(minutes - RESERVED_MINUTES, 0.0)
 
 
-def planned_steps(plan: StagePlan, minutes: float, pace: float = 1.0) -> int:
-    """The steps `plan`'s share of a `minutes` run buys at its measured speed times `pace`
+def planned_steps(spec: StageSpec, minutes: float, pace: float = 1.0) -> int:
+    """The steps a stage's share of a `minutes` run buys at its measured speed times `pace`
     (this machine's speed relative to the one the plan was measured on)."""
+    plan = spec.demo
     stage_minutes = plan.share * training_minutes(minutes) - plan.setup_minutes
     return max(MIN_STEPS, int(stage_minutes * plan.steps_per_minute * pace))
 
@@ -174,8 +147,8 @@ def stage_deadline(index: int, now: float, training_end: float, training_seconds
     """When stage `PLAN[index]`, starting at `now`, must stop: after 1.1 times its share of
     the training seconds, and soon enough to leave each later stage half its share (on a
     slow machine an overrun would otherwise leave the last upsampler a single step)."""
-    later_share = sum(plan.share for plan in PLAN[index + 1 :])
-    own_end = now + 1.1 * PLAN[index].share * training_seconds
+    later_share = sum(spec.demo.share for spec in PLAN[index + 1 :])
+    own_end = now + 1.1 * PLAN[index].demo.share * training_seconds
     return min(own_end, training_end - 0.5 * later_share * training_seconds)
 
 
@@ -203,20 +176,20 @@ def run(
         training_seconds = 60 * training_minutes(minutes)
         training_end = time.time() + training_seconds
     pace = 1.0
-    for index, plan in enumerate(PLAN):
+    for index, spec in enumerate(PLAN):
         stage_started = time.perf_counter()
-        config, deadline = configs[plan.name], None
+        config, deadline = configs[spec.name], None
         if minutes is not None:
             deadline = stage_deadline(index, time.time(), training_end, training_seconds)
-            _set_steps(config, planned_steps(plan, minutes, pace))
+            _set_steps(config, planned_steps(spec, minutes, pace))
         timer = StepTimer()
-        result = _train_stage(plan, config, workdir, deadline, timer)
+        result = _train_stage(spec, config, workdir, deadline, timer)
         speed = timer.steps_per_minute
         result.update(planned_pace=round(pace, 3), steps_per_minute=speed and round(speed, 1))
         if speed is not None and minutes is not None:
-            pace = min(1.0, speed / plan.steps_per_minute)
-        report["stages"][plan.name] = result
-        report["minutes"][plan.name] = _minutes_since(stage_started)
+            pace = min(1.0, speed / spec.demo.steps_per_minute)
+        report["stages"][spec.name] = result
+        report["minutes"][spec.name] = _minutes_since(stage_started)
     scoring_started = time.perf_counter()
     report["scores"] = _score_cascade(workdir, preset)
     report["minutes"]["scoring"] = _minutes_since(scoring_started)
@@ -250,34 +223,37 @@ def _true_renders(workdir: Path, data: shapes_tfds.ShapesConfig) -> dict:
                     workdir / f"shapes_{resolution}.png",
                     images.grid(pictures[:16], captions, columns=4, cell=128),
                 )
-            if resolution >= 32:
-                accuracy = _oracle_accuracy(pictures, scenes)
+            if resolution >= oracle.MIN_RESOLUTION:
+                accuracy = oracle.mean_accuracy(oracle.read(pictures, scenes))
                 result["oracle_true_renders"][f"{split}_{resolution}px"] = accuracy
     return result
 
 
 def _train_stage(
-    plan: StagePlan,
+    spec: StageSpec,
     config: ml_collections.ConfigDict,
     workdir: Path,
     deadline: float | None,
     timer: StepTimer,
 ) -> dict:
-    """Train (or resume) one stage in workdir/<name>, timing its steps with `timer`, then
-    score it with its own evaluation."""
+    """Train (or resume) one stage in workdir/<name>, timing its steps with `timer` (its
+    embedding shards written first if it reads them), then score it with its evaluators."""
     from clipgen.train import loop
 
-    stage_module = importlib.import_module(STAGE_MODULES[plan.config_file])
-    stage = stage_module.make_stage(config)
+    embed.ensure_embeddings(config)
+    stage = train.trainer(spec.trainer).make_stage(config)
     train_started = time.perf_counter()
-    state = loop.train(config, workdir / plan.name, stage, deadline=deadline, hooks=[timer])
+    state = loop.train(config, workdir / spec.name, stage, deadline=deadline, hooks=[timer])
     result = {
         "steps": int(state.step),
         "planned_steps": int(config.total_steps),
         "training_minutes": _minutes_since(train_started),
     }
-    if stage.evaluate:
-        result["scores"] = {key: float(value) for key, value in stage.evaluate(state).items()}
+    scores = {}
+    for evaluate in registry.training_evaluators(config).values():
+        scores.update({key: float(value) for key, value in evaluate(state).items()})
+    if scores:
+        result["scores"] = scores
     return result
 
 
@@ -342,15 +318,6 @@ def _recoloured(caption: str) -> str:
             words[i] = colours[(colours.index(word) + len(colours) // 2) % len(colours)]
             return " ".join(words)
     return caption
-
-
-def _oracle_accuracy(pictures: list[np.ndarray], scenes: list[shapes.Scene]) -> dict:
-    """Per-attribute and whole-scene agreement of the oracle with the true scenes."""
-    results = [
-        shapes.attribute_accuracy(shapes.oracle(picture), scene)
-        for picture, scene in zip(pictures, scenes, strict=True)
-    ]
-    return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
 
 
 def _minutes_since(start: float) -> float:

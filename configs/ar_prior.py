@@ -6,8 +6,8 @@ AR network and its optimiser: tiny, demo, bench, paper (319 PCA dimensions of 10
 1024 buckets, AdamW lr 1.6e-4, weight decay 4e-2, EMA 0.999: Table 3 and section 2.2).
 """
 
+from clipgen import config as config_lib
 from clipgen.models import ar_prior
-from clipgen.train import config as config_lib
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,7 @@ Presets (`--config=configs/clip.py:<preset>`):
          trained on a real image-caption set, with OpenAI's BPE (give its path).
 """
 
-from clipgen.train import config as config_lib
+from clipgen import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -25,9 +25,9 @@ def get_config(arg: str | None = None):
     config.data.context_length = 24
     config.data.resolution = 32
     config.data.seed = 0
-    config.eval.num_examples = 500
-    config.eval.batch_size = 250
-    config.eval.use_ema = True
+    config.evals.retrieval = dict(
+        type="clip_retrieval", splits=("test", "heldout"), num_examples=500, batch_size=250
+    )
     config.optim.lr = 1e-3
     config.optim.b2 = 0.98
     config.optim.eps = 1e-6
@@ -50,14 +50,8 @@ def get_config(arg: str | None = None):
         )
         config.model.text = dict(width=32, layers=1, heads=2, mlp_dim=64, act="gelu")
         config.data.num_merges = 200
-        config.eval.num_examples = 16
-        config.eval.batch_size = 16
-        config.batch_size = 16
-        config.total_steps = 4
-        config.log_every = 2
-        config.eval_every = 4
-        config.checkpoint.every = 2
-        config.optim.warmup_steps = 1
+        config.evals.retrieval.update(num_examples=16, batch_size=16)
+        config_lib.tiny_loop(config, batch_size=16, eval_every=4)
     elif preset == "paper":
         config.model.projection_dim = 1024
         config.model.vision = dict(

@@ -15,7 +15,7 @@ Presets (`--config=configs/decoder.py:<preset>`):
          at 32, 16 and 8 px, learned sigma, cosine schedule (Table 3).
 """
 
-from clipgen.train import config as config_lib
+from clipgen import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -61,12 +61,14 @@ def get_config(arg: str | None = None):
     config.data.drop_image = 0.1
     config.data.drop_text = 0.5
 
-    config.eval.splits = ("test", "heldout")
-    config.eval.num_examples = 200
-    config.eval.batch_size = 200
-    config.eval.use_ema = True
-    config.eval.seed = 0
-    config.eval.oracle_resolution = 64
+    config.evals.oracle = dict(
+        type="decoder_oracle",
+        splits=("test", "heldout"),
+        num_examples=200,
+        batch_size=200,
+        seed=0,
+        oracle_resolution=64,
+    )
 
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 100
@@ -89,13 +91,7 @@ def get_config(arg: str | None = None):
         config.data.num_examples = dict(train=64)
         config.data.resolution = 16
         config.sample.respacing = "4"
-        config.batch_size = 8
-        config.total_steps = 4
-        config.log_every = 2
-        config.eval_every = 0
-        config.preview_every = 0
-        config.checkpoint.every = 2
-        config.optim.warmup_steps = 1
+        config_lib.tiny_loop(config, batch_size=8)
     elif preset == "bench":
         config.model.clip_embed_dim = 512
         config.model.image_embed_scale = 512**0.5

@@ -19,6 +19,7 @@ images: FID ~0, a calibration) or noise (uniform noise: a floor).
 import ml_collections
 from ml_collections import config_dict
 
+from clipgen import stages
 from clipgen.eval.coco import COCO30K_CAPTIONS, COCO_RESOLUTION
 
 
@@ -28,6 +29,11 @@ def _generator(resolution: int, workdir: str = "") -> ml_collections.ConfigDict:
     images are resized to `resolution` (0: as the cascade draws them); `preset` names the
     configs for runs whose checkpoints store none; `sampling` overrides the stage configs'
     sampling settings (None: keep them)."""
+    respacings = {
+        f"{spec.name}_respacing": config_dict.placeholder(str)
+        for spec in stages.cascade()
+        if spec.role != "clip"
+    }
     return ml_collections.ConfigDict(
         {
             "type": "unclip",
@@ -35,13 +41,10 @@ def _generator(resolution: int, workdir: str = "") -> ml_collections.ConfigDict:
             "workdir": workdir,
             "preset": "demo",
             "sampling": {
-                "prior_respacing": config_dict.placeholder(str),
+                **respacings,
                 "prior_guidance": config_dict.placeholder(float),
                 "prior_best_of": config_dict.placeholder(int),
-                "decoder_respacing": config_dict.placeholder(str),
                 "decoder_guidance": config_dict.placeholder(float),
-                "upsampler_respacing": config_dict.placeholder(str),
-                "upsampler2_respacing": config_dict.placeholder(str),
             },
         }
     )

@@ -9,7 +9,7 @@ Presets (`--config=configs/prior.py:<preset>`):
          weight decay 6e-2, EMA 0.9999, cosine schedule, embeddings x 17.2 (Table 3).
 """
 
-from clipgen.train import config as config_lib
+from clipgen import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -43,12 +43,14 @@ def get_config(arg: str | None = None):
     config.data.text_drop = 0.1
     config.data.seed = 0
 
-    config.eval.splits = ("test", "heldout")
-    config.eval.num_examples = 500
-    config.eval.batch_size = 250
-    config.eval.use_ema = True
-    config.eval.seed = 0
-    config.eval.oracle_resolution = 64
+    config.evals.retrieval = dict(
+        type="prior_retrieval",
+        splits=("test", "heldout"),
+        num_examples=500,
+        batch_size=250,
+        seed=0,
+        oracle_resolution=64,
+    )
 
     config.optim.lr = 1e-3
     config.optim.b2 = 0.96
@@ -72,14 +74,8 @@ def get_config(arg: str | None = None):
         config.data.embeddings = "synthetic"
         config.data.num_examples = dict(train=64, test=16, heldout=16)
         config.sample.respacing = "4"
-        config.eval.num_examples = 16
-        config.eval.batch_size = 16
-        config.batch_size = 16
-        config.total_steps = 4
-        config.log_every = 2
-        config.eval_every = 0
-        config.checkpoint.every = 2
-        config.optim.warmup_steps = 1
+        config.evals.retrieval.update(num_examples=16, batch_size=16)
+        config_lib.tiny_loop(config, batch_size=16)
     elif preset == "bench":
         config.model.heads = 8
         config.model.head_dim = 64

@@ -11,7 +11,7 @@ Presets (`--config=configs/upsampler.py:<preset>`):
                         quarter of the target size.
 """
 
-from clipgen.train import config as config_lib
+from clipgen import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -47,10 +47,7 @@ def get_config(arg: str | None = None):
     config.data.corruption = "blur"
     config.data.seed = 0
 
-    config.eval.num_examples = 64
-    config.eval.batch_size = 64
-    config.eval.use_ema = True
-    config.eval.seed = 0
+    config.evals.psnr = dict(type="upsampler_psnr", num_examples=64, batch_size=64, seed=0)
 
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 100
@@ -74,15 +71,8 @@ def get_config(arg: str | None = None):
         config.data.resolution = 32 if second else 16
         config.data.crop = 16 if second else 8
         config.sample.respacing = "ddim3"
-        config.eval.num_examples = 4
-        config.eval.batch_size = 4
-        config.batch_size = 8
-        config.total_steps = 4
-        config.log_every = 2
-        config.eval_every = 4
-        config.preview_every = 0
-        config.checkpoint.every = 2
-        config.optim.warmup_steps = 1
+        config.evals.psnr.update(num_examples=4, batch_size=4)
+        config_lib.tiny_loop(config, batch_size=8, eval_every=4)
     elif preset == "paper":
         config.data.scale = 4
         config.data.resolution = 1024 if second else 256

@@ -11,10 +11,10 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from clipgen import config as config_lib
 from clipgen.data import pipeline
 from clipgen.diffusion import gaussian, samplers
 from clipgen.models.layers import timestep_embedding
-from clipgen.train import config as config_lib
 from clipgen.train.loop import Stage
 
 RESOLUTION = 16

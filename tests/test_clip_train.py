@@ -6,15 +6,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 from transformers import CLIPImageProcessor
 
+from clipgen import build
 from clipgen.data import preprocess
+from clipgen.eval import registry
 from clipgen.eval.retrieval import retrieval_accuracy
-from clipgen.models.clip import CLIP, init_clip
+from clipgen.models.clip import CLIP
 from clipgen.train import clip as clip_stage
 from clipgen.train import loop
+
+from sharded import assert_sharded_equals_one_device
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,29 +53,10 @@ def test_contrastive_loss_matches_its_definition():
 
 
 def test_loss_and_gradient_on_a_sharded_batch_equal_one_device(mesh8):
-    config = clip_config()
-    tokenizer = clip_stage.make_tokenizer(config)
-    model = clip_stage.build_model(config, tokenizer)
-    params = nn.meta.unbox(init_clip(model, jax.random.key(0)))["params"]
-    stage = clip_stage.make_stage(config)
-    batch = next(stage.batches(0, 16))
-
-    def loss_fn(params, batch):
-        return stage.loss(params, batch, None)[0]
-
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-    single_loss, single_grads = grad_fn(params, batch)
-    sharding = jax.sharding.NamedSharding(mesh8, jax.P("data"))
-    sharded_batch = jax.device_put(batch, sharding)
-    assert sharded_batch["pixels"].sharding.spec == jax.P("data")
-    sharded_loss, sharded_grads = grad_fn(params, sharded_batch)
-    assert float(sharded_loss) == pytest.approx(float(single_loss), rel=1e-6)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(single_grads),
-        jax.tree_util.tree_leaves(sharded_grads),
-        strict=True,
-    ):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    stage = clip_stage.make_stage(clip_config())
+    assert_sharded_equals_one_device(
+        stage, mesh8, 16, loss_rtol=1e-6, grad_rtol=1e-4, grad_atol=1e-6
+    )
 
 
 def test_preprocessing_equals_transformers_clip_image_processor():
@@ -96,23 +82,42 @@ def test_retrieval_counts_identical_scenes_as_correct():
 
 def test_tiny_preset_trains_and_evaluates(tmp_path):
     config = clip_config()
-    state = loop.train(config, tmp_path, clip_stage.make_stage(config), jax.devices()[:1])
+    evaluators = registry.training_evaluators(config)
+    stage = clip_stage.make_stage(config)
+    state = loop.train(config, tmp_path, stage, jax.devices()[:1], evaluators=evaluators)
     assert int(state.step) == config.total_steps
     assert (tmp_path / "checkpoints" / str(config.total_steps)).exists()
+    # The loop ran the retrieval evaluator on the EMA parameters at eval_every (step 4).
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    logged = events.Tensors("test/text_to_image_top1")
+    assert [event.step for event in logged] == [config.eval_every]
+    retrieval = registry.build("retrieval", config.evals.retrieval, stage_config=config)
+    scores = retrieval(next(iter(state.ema.values())))
+    assert set(scores) == {
+        f"{split}/{kind}_top1"
+        for split in ("test", "heldout")
+        for kind in ("text_to_image", "image_to_text")
+    }
+    logged_value = float(tensor_util.make_ndarray(logged[0].tensor_proto))
+    assert logged_value == pytest.approx(scores["test/text_to_image_top1"])
 
 
 def test_embed_writes_shards_the_reader_accepts(tmp_path):
-    from clipgen import embed
     from clipgen.data import embeddings, pipeline
+    from clipgen.pipelines import embed
 
     config = clip_config()
     loop.train(config, tmp_path / "clip", clip_stage.make_stage(config), jax.devices()[:1])
-    out = embed.run(config, tmp_path / "clip", tmp_path / "emb", "test", 20, 8, shard_size=6)
+    out = embed.run(tmp_path / "clip", tmp_path / "emb", "test", 20, 8, shard_size=6)
     shards = embeddings.EmbeddingShards(out)
     source = pipeline.ProceduralShapes((32,), "test", config.data.seed)
     shards.check_aligned(np.array([source[i]["id"] for i in range(20)]))
     # The stored image embedding is the trained model's (EMA) embedding of that example.
-    tokenizer, module, params, _ = embed.load_trained_clip(config, tmp_path / "clip")
-    inputs = clip_stage.clip_inputs([source[7]], tokenizer, "image_32", 32)
-    expected = module.apply({"params": params}, inputs["pixels"], method=CLIP.encode_image)
+    trained = build.restore(tmp_path / "clip")
+    clip = build.clip_model(trained.config, trained.params)
+    inputs = build.clip_inputs([source[7]], clip.tokenizer, "image_32", 32)
+    expected = clip.module.apply(
+        {"params": clip.params}, inputs["pixels"], method=CLIP.encode_image
+    )
     np.testing.assert_allclose(shards[7]["image_embeds"], np.asarray(expected)[0], atol=1e-5)

@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from clipgen import build
+from clipgen import config as config_lib
 from clipgen.data import degrade
+from clipgen.eval import registry
+from clipgen.eval.evaluators import upsampler_psnr
 from clipgen.models import upsampler as upsampler_module
-from clipgen.pipelines.decoder import sample_upsampler
-from clipgen.train import config as config_lib
+from clipgen.sampling import sample_upsampler
 from clipgen.train import decoder as decoder_stage
 from clipgen.train import loop
 from clipgen.train import upsampler as upsampler_stage
 
-
-def _host(tree):
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+from sharded import assert_sharded_equals_one_device
 
 
 @pytest.mark.parametrize(
@@ -24,19 +25,10 @@ def _host(tree):
     [("decoder", "tiny", decoder_stage), ("upsampler", "tiny", upsampler_stage)],
 )
 def test_sharded_loss_and_gradient_equal_one_device(stage_name, preset, module, mesh8):
-    config = config_lib.load_preset(stage_name, preset)
-    stage = module.make_stage(config)
-    params = nn.meta.unbox(stage.init_params(jax.random.key(0)))
-    batch = next(stage.batches(0, 8))
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: stage.loss(p, b, jax.random.key(3))[0]))
-    single_loss, single_grads = grad_fn(params, batch)
-    sharded = jax.device_put(batch, jax.sharding.NamedSharding(mesh8, jax.P("data")))
-    sharded_loss, sharded_grads = grad_fn(params, sharded)
-    assert float(sharded_loss) == pytest.approx(float(single_loss), rel=1e-5)
-    for a, b in zip(
-        jax.tree.leaves(_host(single_grads)), jax.tree.leaves(_host(sharded_grads)), strict=True
-    ):
-        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6)
+    stage = module.make_stage(config_lib.load_preset(stage_name, preset))
+    assert_sharded_equals_one_device(
+        stage, mesh8, 8, loss_rtol=1e-5, grad_rtol=2e-4, grad_atol=2e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -73,7 +65,7 @@ def test_psnr_closed_form():
     images[0] += 1  # mse 1 -> 10 log10(255^2) = 48.13 dB
     images[1] += 16  # mse 256
     expected = (10 * np.log10(255.0**2) + 10 * np.log10(255.0**2 / 256)) / 2
-    assert upsampler_stage.psnr(images, truth) == pytest.approx(expected)
+    assert upsampler_psnr.psnr(images, truth) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "second_tiny"])
@@ -81,7 +73,8 @@ def test_tiny_upsamplers_train_and_report_psnr(preset, tmp_path):
     config = config_lib.load_preset("upsampler", preset)
     stage = upsampler_stage.make_stage(config)
     state = loop.train(config, tmp_path, stage, jax.devices()[:1])
-    scores = stage.evaluate(state)
+    [evaluate] = registry.training_evaluators(config).values()
+    scores = evaluate(state)
     assert int(state.step) == config.total_steps
     assert set(scores) == {"test/psnr", "test/bicubic_psnr"}
     assert all(np.isfinite(v) for v in scores.values())
@@ -94,13 +87,13 @@ def test_residual_upsampler_starts_from_the_bicubic_resize():
     config = config_lib.load_preset("upsampler", "tiny")
     config.model.update(resize="bicubic", residual=True)
     config.diffusion.prediction = "x0"
-    module = upsampler_stage.build_model(config)
+    module = build.module(config)
     params = nn.meta.unbox(
         upsampler_module.init_upsampler(module, jax.random.key(0), 16, 8)["params"]
     )
     low = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
     resized = upsampler_module.resize_low_res(low, 16, 16, "bicubic")
-    diffusion = decoder_stage.build_diffusion(config, "ddim5")
+    diffusion = build.diffusion(config, "ddim5")
     sampled = sample_upsampler(module, params, diffusion, low, jax.random.key(2), 16)
     np.testing.assert_allclose(sampled, np.clip(resized, -1, 1), atol=1e-6)
     high = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3), minval=-1.0, maxval=1.0)

@@ -25,10 +25,10 @@ def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
     assert report["oracle_true_renders"]["test_32px"]["whole"] == 1.0
     assert "16px" not in " ".join(report["oracle_true_renders"])  # it reads 32 px and up
     configs = demo.cascade_configs(tmp_path, "tiny", None)
-    for plan in demo.PLAN:
-        assert report["stages"][plan.name]["steps"] == configs[plan.name].total_steps
-        assert report["minutes"][plan.name] >= 0
-        assert report["stages"][plan.name]["planned_pace"] == 1.0  # no deadlines, no pace
+    for spec in demo.PLAN:
+        assert report["stages"][spec.name]["steps"] == configs[spec.name].total_steps
+        assert report["minutes"][spec.name] >= 0
+        assert report["stages"][spec.name]["planned_pace"] == 1.0  # no deadlines, no pace
     assert set(report["stages"]["clip"]["scores"]) >= {"test/text_to_image_top1"}
     assert {"test/psnr", "test/bicubic_psnr"} <= set(report["stages"]["upsampler2"]["scores"])
     oracle = report["scores"]["oracle"]
@@ -53,16 +53,17 @@ def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
     sizes = [configs[name].data.resolution for name in ("decoder", "upsampler", "upsampler2")]
     assert sizes == [16, 32, 64]
     planned_minutes = 0.0
-    for plan in demo.PLAN:
-        steps = configs[plan.name].total_steps
+    for spec in demo.PLAN:
+        plan = spec.demo
+        steps = configs[spec.name].total_steps
         minutes = steps / plan.steps_per_minute + plan.setup_minutes
-        assert steps == demo.planned_steps(plan, 30.0)
+        assert steps == demo.planned_steps(spec, 30.0)
         assert minutes <= plan.share * (30.0 - demo.RESERVED_MINUTES) + 1 / plan.steps_per_minute
         planned_minutes += minutes
     assert planned_minutes + demo.RESERVED_MINUTES <= 30.0
     longer = demo.cascade_configs(tmp_path, "demo", 60.0)
     assert longer["decoder"].total_steps > decoder.total_steps
-    assert sum(plan.share for plan in demo.PLAN) == pytest.approx(1.0)
+    assert sum(spec.demo.share for spec in demo.PLAN) == pytest.approx(1.0)
 
 
 def test_stage_deadlines_keep_time_for_later_stages():
@@ -70,8 +71,9 @@ def test_stage_deadlines_keep_time_for_later_stages():
     at least half of every later stage's share left before the end of training."""
     seconds, end = 1000.0, 1000.0
     start = 0.0
-    for index, plan in enumerate(demo.PLAN):
-        later = sum(p.share for p in demo.PLAN[index + 1 :])
+    for index, spec in enumerate(demo.PLAN):
+        plan = spec.demo
+        later = sum(p.demo.share for p in demo.PLAN[index + 1 :])
         on_time = demo.stage_deadline(index, start, end, seconds)
         assert on_time == pytest.approx(min(start + 1.1 * plan.share * seconds, end))
         for late in (start, start + 100.0, end - 1.0, end + 50.0):

@@ -2,7 +2,6 @@
 calibrated), a fake COCO 2014 folder drawn from the shapes world, a tiny random CLIP; the
 `real` generator must score FID ~0, the `noise` generator far worse."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from clipgen.eval.coco import CocoVal
 from clipgen.eval.fid import load_stats
 from clipgen.models.clip import CLIP, TextConfig, VisionConfig, init_clip
 from clipgen.models.inception import BATCH_NORM_EPS, FIDInception, FrozenBatchNorm, init_inception
-from clipgen.train import loop
 from clipgen.weights import clip as clip_weights
 from clipgen.weights.convert import Rule
 from clipgen.weights.inception import inception_rules
@@ -406,36 +404,22 @@ def test_clip_score_declares_conventions_and_real_images_have_zero_clip_fd(tiny_
         registry.build("clip", dict(config, guidance=3.0))
 
 
-# --- training-loop hook and convert ---------------------------------------------------------
+# --- evaluators by name, for training; convert ---------------------------------------------
 
 
-@registry.register("probe")
-class ProbeEvaluator(registry.Evaluator):
-    """Generates two captions and reports their mean pixel value."""
-
-    DEFAULTS = {"captions": ("a red circle", "a blue square")}
-
-    def __call__(self, generate):
-        images = generate(list(self.settings["captions"]), 0)
-        return {"mean_pixel": float(images.mean())}
-
-
-def test_training_loop_runs_registered_evaluators(tmp_path):
+def test_evaluators_are_found_by_module_and_a_stage_refuses_generator_ones():
+    assert {"fid", "clip_score", "shapes_oracle", "decoder_oracle"} <= set(
+        registry.evaluator_types()
+    )
+    with pytest.raises(ValueError, match="'nosuch' is not an evaluator type; there are: "):
+        registry.build("x", {"type": "nosuch"})
     config = denoiser_stage.get_config()
-    config.eval_every = 3
-    config.evals.probe = {"type": "probe"}
-    steps_seen = []
-
-    def generator(state):
-        steps_seen.append(int(jax.device_get(state.step)))
-        return run.noise_generator(16)
-
-    stage = dataclasses.replace(denoiser_stage.make_stage(config), generator=generator)
-    loop.train(config, tmp_path, stage, jax.devices()[:1])
-    assert steps_seen == [3, 6]
-    events = event_accumulator.EventAccumulator(str(tmp_path))
-    events.Reload()
-    assert [event.step for event in events.Tensors("probe/mean_pixel")] == [3, 6]
+    config.evals.oracle = {"type": "shapes_oracle", "count": 2, "batch_size": 2}
+    with pytest.raises(ValueError, match="evals.oracle .shapes_oracle. scores a text-to-image"):
+        registry.training_evaluators(config)
+    config.evals.oracle = {"type": "upsampler_psnr"}
+    with pytest.raises(ValueError, match="a stage evaluator needs the stage's config"):
+        registry.build("oracle", config.evals.oracle)
 
 
 def test_convert_inception_cli(inception_weights, tmp_path):

@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from clipgen.data import shapes
+from clipgen import build
+from clipgen import config as config_lib
+from clipgen.data import embeddings, shapes
+from clipgen.eval.evaluators.prior_retrieval import CONDITION_FIELDS
 from clipgen.eval.prior import matching_retrieval, prior_metrics
 from clipgen.models import ar_prior
-from clipgen.pipelines.prior import sample_prior, select_best
+from clipgen.models.prior import init_prior
+from clipgen.sampling import sample_prior, select_best
 from clipgen.train import ar_prior as ar_stage
-from clipgen.train import config as config_lib
 from clipgen.train import loop
 from clipgen.train import prior as prior_stage
+
+from sharded import assert_sharded_equals_one_device
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,19 +37,10 @@ def _host(tree):
 @pytest.mark.parametrize("stage_name", ["prior", "ar_prior"])
 def test_sharded_loss_and_gradient_equal_one_device(stage_name, mesh8):
     config = config_lib.load_preset(stage_name, "tiny")
-    module = {"prior": prior_stage, "ar_prior": ar_stage}[stage_name]
-    stage = module.make_stage(config)
-    params = nn.meta.unbox(stage.init_params(jax.random.key(0)))
-    batch = next(stage.batches(0, 16))
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: stage.loss(p, b, jax.random.key(3))[0]))
-    single_loss, single_grads = grad_fn(params, batch)
-    sharded = jax.device_put(batch, jax.sharding.NamedSharding(mesh8, jax.P("data")))
-    sharded_loss, sharded_grads = grad_fn(params, sharded)
-    assert float(sharded_loss) == pytest.approx(float(single_loss), rel=1e-5)
-    for a, b in zip(
-        jax.tree.leaves(_host(single_grads)), jax.tree.leaves(_host(sharded_grads)), strict=True
-    ):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    stage = {"prior": prior_stage, "ar_prior": ar_stage}[stage_name].make_stage(config)
+    assert_sharded_equals_one_device(
+        stage, mesh8, 16, loss_rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-6
+    )
 
 
 def test_frozen_statistics_never_move_and_the_run_is_sharded(tmp_path):
@@ -56,7 +52,7 @@ def test_frozen_statistics_never_move_and_the_run_is_sharded(tmp_path):
     trained = _host(state.params)
     np.testing.assert_array_equal(trained["clip_mean"], np.asarray(first["clip_mean"]))
     np.testing.assert_array_equal(trained["clip_std"], np.asarray(first["clip_std"]))
-    train = prior_stage.training_split(config)
+    train = embeddings.training_split(config)
     np.testing.assert_allclose(trained["clip_mean"][0], train["image_embeds"].mean(0), atol=1e-6)
     moved = [
         not np.array_equal(a, np.asarray(b))
@@ -80,11 +76,11 @@ def test_select_best_keeps_the_candidate_with_the_larger_dot_product():
 
 def test_best_of_two_sample_is_the_better_of_its_own_candidates():
     config = config_lib.load_preset("prior", "tiny")
-    module = prior_stage.build_model(config)
-    params = nn.meta.unbox(prior_stage.init_prior(module, jax.random.key(1)))["params"]
-    train = prior_stage.training_split(config)
-    cond = {k: train[k][:6] for k in prior_stage.CONDITION_FIELDS}
-    diffusion = prior_stage.build_diffusion(config, "4")
+    module = build.module(config)
+    params = nn.meta.unbox(init_prior(module, jax.random.key(1)))["params"]
+    train = embeddings.training_split(config)
+    cond = {k: train[k][:6] for k in CONDITION_FIELDS}
+    diffusion = build.diffusion(config, "4")
     chosen, candidates = jax.jit(
         lambda p, c, r: sample_prior(
             module, p, diffusion, c, r, best_of=2, guidance_scale=3.0, return_candidates=True
@@ -133,9 +129,9 @@ def test_ar_sampling_decodes_codes_through_the_pca():
     config = config_lib.load_preset("ar_prior", "tiny")
     stage = ar_stage.make_stage(config)
     params = nn.meta.unbox(stage.init_params(jax.random.key(0)))
-    module = ar_stage.build_model(config)
-    train = prior_stage.training_split(config)
-    cond = {k: train[k][:4] for k in prior_stage.CONDITION_FIELDS}
+    module = build.module(config)
+    train = embeddings.training_split(config)
+    cond = {k: train[k][:4] for k in CONDITION_FIELDS}
     sampled = np.asarray(ar_prior.sample_ar_prior(module, params, cond, jax.random.key(1)))
     stats = {k: np.asarray(v) for k, v in params.items() if k in ar_prior.STATISTICS}
     codes = (sampled - stats["pca_mean"]) @ stats["pca_components"].T

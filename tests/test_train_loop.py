@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from clipgen import checkpoint, parallel
+from clipgen import checkpoint, cli, parallel
+from clipgen import config as config_lib
 from clipgen.train import loop
 
 import denoiser_stage
@@ -107,6 +109,27 @@ def test_bf16_compute_and_sample_previews(tmp_path):
     events.Reload()
     previews = events.Tensors("samples")
     assert [event.step for event in previews] == [3, 6]
+
+
+def test_the_loop_runs_the_evaluators_handed_to_it(tmp_path):
+    config = _config(eval_every=3)
+    seen = []
+
+    def probe(state):
+        seen.append(int(jax.device_get(state.step)))
+        return {"probe/mean_kernel": float(jnp.mean(state.params["conv_mid"]["kernel"]))}
+
+    state = loop.train(
+        config, tmp_path, denoiser_stage.make_stage(config), jax.devices()[:1],
+        evaluators={"probe": probe},
+    )  # fmt: skip
+    assert seen == [3, 6]
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    logged = events.Tensors("probe/mean_kernel")
+    assert [event.step for event in logged] == [3, 6]
+    final = float(tensor_util.make_ndarray(logged[-1].tensor_proto))
+    assert final == pytest.approx(float(jnp.mean(state.params["conv_mid"]["kernel"])))
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
@@ -228,6 +251,18 @@ def test_config_typo_fails_before_anything_compiles(tmp_path):
     assert "lrr" in stderr and 'Did you mean "lr"' in stderr
     assert not (tmp_path / "checkpoints").exists()
     logging.info("config typo rejected in %.2f s", time.monotonic() - started)
+
+
+def test_presets_resolve_with_the_working_directory_outside_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not Path("configs/prior.py").exists()
+    config = cli.load_config(["--config=configs/prior.py:tiny", "--config.total_steps=7"])
+    assert config.stage == "prior" and config.total_steps == 7
+    assert config.model.to_dict() == config_lib.load_preset("prior", "tiny").model.to_dict()
+    spaced = cli.load_config(["--config", "configs/upsampler.py:second_tiny"])
+    assert spaced.data.corruption == "bsr"
+    with pytest.raises(ValueError):  # no such config file anywhere
+        cli.load_config(["--config=configs/nosuch.py:tiny"])
 
 
 def test_bad_config_values_fail_naming_the_key(tmp_path):

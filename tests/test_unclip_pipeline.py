@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from clipgen import cli
+from clipgen import build, cli, stages, train
 from clipgen.data import pipeline as data_pipeline
 from clipgen.diffusion.gaussian import make_diffusion
 from clipgen.eval import run
@@ -21,12 +21,7 @@ from clipgen.models.decoder import init_decoder
 from clipgen.models.prior import init_prior
 from clipgen.models.upsampler import init_upsampler
 from clipgen.pipelines import manipulate, unclip
-from clipgen.train import clip as clip_stage
-from clipgen.train import config as config_lib
-from clipgen.train import decoder as decoder_stage
 from clipgen.train import loop
-from clipgen.train import prior as prior_stage
-from clipgen.train import upsampler as upsampler_stage
 
 CAPTIONS = [
     "a red circle",
@@ -44,14 +39,8 @@ EXACT_SIZE = 8  # the exact decoder's
 
 def tiny_configs():
     """The tiny presets, the prior's and decoder's dimensions set from the tiny CLIP."""
-    clip = config_lib.load_preset("clip", "tiny")
-    configs = {
-        "clip": clip,
-        "prior": config_lib.load_preset("prior", "tiny"),
-        "decoder": config_lib.load_preset("decoder", "tiny"),
-        "upsampler": config_lib.load_preset("upsampler", "tiny"),
-        "upsampler2": config_lib.load_preset("upsampler", "second_tiny"),
-    }
+    configs = {spec.name: spec.config("tiny") for spec in stages.cascade()}
+    clip = configs["clip"]
     width, dim, length = clip.model.text.width, clip.model.projection_dim, clip.data.context_length
     configs["prior"].model.update(embedding_dim=dim, text_token_dim=width, num_text_tokens=length)
     configs["decoder"].model.update(clip_embed_dim=dim, text_width=width, num_text_tokens=length)
@@ -96,10 +85,7 @@ def tiny_cascade():
     """(configs, random params) of a tiny cascade."""
     configs = tiny_configs()
     rng = jax.random.key(0)
-    tokenizer = clip_stage.make_tokenizer(configs["clip"])
-    clip = clip_stage.build_model(configs["clip"], tokenizer)
-    prior = prior_stage.build_model(configs["prior"])
-    decoder = decoder_stage.build_model(configs["decoder"])
+    clip, prior, decoder = (build.module(configs[name]) for name in ("clip", "prior", "decoder"))
     inits = {
         "clip": lambda: init_clip(clip, rng),
         "prior": lambda: init_prior(prior, rng),
@@ -107,7 +93,7 @@ def tiny_cascade():
     }
     for name in ("upsampler", "upsampler2"):
         size = configs[name].data.resolution
-        module = upsampler_stage.build_model(configs[name])
+        module = build.module(configs[name])
         inits[name] = functools.partial(init_upsampler, module, rng, size, size // 2)
     return configs, {name: _random_params(init, i) for i, (name, init) in enumerate(inits.items())}
 
@@ -299,17 +285,9 @@ def test_pca_probe_with_all_components_gives_back_z_i(exact):
 
 
 def test_clipgen_sample_writes_a_grid_from_tiny_trained_runs(tmp_path, capsys):
-    makers = {
-        "clip": clip_stage,
-        "prior": prior_stage,
-        "decoder": decoder_stage,
-        "upsampler": upsampler_stage,
-        "upsampler2": upsampler_stage,
-    }
     for name, config in tiny_configs().items():
-        state = loop.train(
-            config, tmp_path / name, makers[name].make_stage(config), jax.devices()[:1]
-        )
+        stage = train.trainer(stages.get(name).trainer).make_stage(config)
+        state = loop.train(config, tmp_path / name, stage, jax.devices()[:1])
         assert int(state.step) == 2
     out = tmp_path / "grid.png"
     argv = ["sample", "--checkpoints", str(tmp_path), "--out", str(out), "--seed", "1"]

@@ -198,6 +198,13 @@ def low_resolution(images: np.ndarray, size: int | tuple[int, int], method: str 
 # BSR degradation (256->1024)
 
 
+def bicubic(low: np.ndarray, size: int) -> np.ndarray:
+    """Plain bicubic upsampling of uint8 images to `size` (the upsamplers' baseline)."""
+    shape = (len(low), size, size, 3)
+    enlarged = jax.image.resize(jnp.asarray(low, jnp.float32), shape, "cubic")
+    return np.asarray(jnp.clip(jnp.round(enlarged), 0, 255).astype(jnp.uint8))
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 

@@ -10,12 +10,15 @@ are how other implementations silently train on wrong pairs or hang.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from clipgen.data import pipeline
 from clipgen.data.files import atomic_write
 
 FIELDS = ("ids", "image_embeds", "text_embeds", "text_tokens", "text_mask")
@@ -143,3 +146,130 @@ def _first_difference(expected: np.ndarray, found: np.ndarray) -> int | str:
         if position >= len(found) or found[position] != wanted:
             return int(wanted)
     return f"(extra id {int(found[len(expected)])})" if len(found) > len(expected) else "none"
+
+
+# --- a split as training arrays ------------------------------------------------------------------
+
+
+def embedding_dir(data_config: Any, split: str) -> Path:
+    """Where a split's shards live: `<data_config.embeddings>/<split>`."""
+    return Path(data_config.embeddings) / split
+
+
+def load_split(directory: str | Path, normalize: bool) -> dict[str, np.ndarray]:
+    """A split's embeddings as the prior's inputs: ids, image_embeds, text_embed,
+    text_tokens, text_mask (embeddings L2-normalised when `normalize`)."""
+    arrays = EmbeddingShards(directory).arrays()
+    image, text = arrays["image_embeds"].astype(np.float32), arrays["text_embeds"]
+    text = text.astype(np.float32)
+    if normalize:
+        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
+        text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    return {
+        "ids": arrays["ids"],
+        "image_embeds": image,
+        "text_embed": text,
+        "text_tokens": arrays["text_tokens"].astype(np.float32),
+        "text_mask": arrays["text_mask"].astype(np.int32),
+    }
+
+
+def synthetic_split(
+    count: int, seed: int, dim: int, length: int, token_dim: int
+) -> dict[str, np.ndarray]:
+    """Random unit embeddings (dim) and token encodings (length x token_dim), for
+    benchmarks and tests; ids 0..count-1."""
+    rng = np.random.default_rng(seed)
+
+    def unit(shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    lengths = rng.integers(1, length + 1, count)
+    return {
+        "ids": np.arange(count),
+        "image_embeds": unit((count, dim)),
+        "text_embed": unit((count, dim)),
+        "text_tokens": rng.standard_normal((count, length, token_dim)).astype(np.float32),
+        "text_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
+    }
+
+
+class ArraySource:
+    """Rows of equally long arrays as a random-access example source."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {name: value[index] for name, value in self.arrays.items()}
+
+
+def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples of equally shaped fields -> one array per field."""
+    return {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+
+
+def training_split(config: Any) -> dict[str, np.ndarray]:
+    """A prior stage's training embeddings (synthetic ones for `data.embeddings ==
+    "synthetic"`), checked against config.model. Shards must exist: `clipgen train` and the
+    demo write missing ones first (clipgen.pipelines.embed.ensure_embeddings)."""
+    model = config.model
+    if config.data.embeddings == "synthetic":
+        return synthetic_split(
+            int(config.data.num_examples["train"]),
+            config.data.seed,
+            model.embedding_dim,
+            model.num_text_tokens,
+            model.text_token_dim,
+        )
+    train = load_split(embedding_dir(config.data, "train"), config.data.normalize)
+    check_dimensions(config, train)
+    return train
+
+
+def check_dimensions(config: Any, data: dict[str, np.ndarray]) -> None:
+    """The shards' embedding, token-width and length against config.model."""
+    model = config.model
+    found = {
+        "embedding_dim": data["image_embeds"].shape[-1],
+        "text_token_dim": data["text_tokens"].shape[-1],
+        "num_text_tokens": data["text_tokens"].shape[1],
+    }
+    wrong = {key: value for key, value in found.items() if model[key] != value}
+    if wrong:
+        raise ValueError(
+            "the embedding shards do not fit config.model: "
+            + ", ".join(
+                f"{k} is {model[k]} in the config, {v} in the shards" for k, v in wrong.items()
+            )
+        )
+
+
+def prior_batch_spec(model_config: Any, global_batch_size: int) -> dict[str, Any]:
+    """The global batch of the diffusion and autoregressive priors (`model_config` gives
+    the widths), as ShapeDtypeStructs."""
+    model = model_config
+    b, length = global_batch_size, model.num_text_tokens
+    return {
+        "image_embeds": jax.ShapeDtypeStruct((b, model.embedding_dim), jnp.float32),
+        "text_embed": jax.ShapeDtypeStruct((b, model.embedding_dim), jnp.float32),
+        "text_tokens": jax.ShapeDtypeStruct((b, length, model.text_token_dim), jnp.float32),
+        "text_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
+    }
+
+
+def shuffled_batches(
+    arrays: dict[str, np.ndarray], seed: int
+) -> Callable[[int, int], Iterator[dict[str, np.ndarray]]]:
+    """batches(first_batch, global_batch_size) over rows of `arrays` (all but "ids"), in a
+    seeded order: this process's slices of consecutive global batches."""
+    source = ArraySource({k: v for k, v in arrays.items() if k != "ids"})
+
+    def batches(first_batch: int, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        return pipeline.host_batches(source, stack, first_batch, global_batch_size, seed)
+
+    return batches

@@ -52,6 +52,12 @@ class ProceduralShapes:
         return example
 
 
+def renders(split: str, ids: Sequence[int], resolution: int, seed: int = 0) -> np.ndarray:
+    """The shapes-world renders (uint8 NHWC) of examples `ids` of a split at `resolution`."""
+    source = ProceduralShapes((resolution,), split, seed)
+    return np.stack([source[int(i)][f"image_{resolution}"] for i in ids])
+
+
 def decode_text(value: Any) -> str:
     """tfds Text features come back as bytes without TensorFlow."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)

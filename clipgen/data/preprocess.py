@@ -33,3 +33,8 @@ def normalize(images: np.ndarray) -> np.ndarray:
 def clip_preprocess(images: list[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
     """CLIP's whole preprocessing for a batch of uint8 images of any sizes."""
     return normalize(np.stack([resize_and_crop(np.asarray(image), size) for image in images]))
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1]."""
+    return np.asarray(images, np.float32) / 127.5 - 1.0

@@ -12,26 +12,22 @@ Generators (`config.generator.type`), each `generate(captions, seed) -> uint8 (N
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
+if TYPE_CHECKING:  # importing the registry imports JAX, which `validate` runs before
+    from clipgen.eval.registry import Generator
+
 GENERATOR_TYPES = ("unclip", "real", "noise")
 DEFAULT_BATCH = 64
 REUSE_BYTES = 1 << 30  # generated images kept for other evaluators asking the same batch
-
-Generator = Callable[[list[str], int], np.ndarray]
-
-
-class GeneratorUnavailable(RuntimeError):
-    """The configured generator cannot be built here (its code or weights are missing)."""
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -56,18 +52,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def unclip_generator(config: ml_collections.ConfigDict) -> Generator:
     """The unCLIP cascade as a generator: `clipgen.pipelines.unclip.load_pipeline(
     config.generator).generate`."""
-    try:
-        unclip = importlib.import_module("clipgen.pipelines.unclip")
-    except ModuleNotFoundError as error:
-        if error.name != "clipgen.pipelines.unclip":
-            raise
-        raise GeneratorUnavailable(
-            "config.generator.type='unclip' needs clipgen/pipelines/unclip.py with "
-            "load_pipeline(generator_config) -> a pipeline with generate(captions, seed); that "
-            "module does not exist yet. Use --config.generator.type=real or noise meanwhile."
-        ) from None
-    pipeline = unclip.load_pipeline(config.generator)
-    return pipeline.generate
+    from clipgen.pipelines import unclip
+
+    return unclip.load_pipeline(config.generator).generate
 
 
 class RealImages:
@@ -174,6 +161,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     needs_sources = config.generator.type == "real"
     generate = None if needs_sources else make_generator(config, [])  # fail before loading
     evaluators, skipped = registry.build_all(config.evals, output_dir=workdir)
+    for name, evaluator in evaluators.items():
+        if evaluator.INPUT != "generator":
+            raise ValueError(
+                f"config.evals.{name} ({config.evals[name].type}) scores a trained stage's "
+                "parameters, not a generator: it runs in `clipgen train` (config.evals of a "
+                "stage config)"
+            )
     if needs_sources:
         sources = [source for e in evaluators.values() for source in e.caption_sources]
         generate = make_generator(config, sources)
@@ -242,20 +236,20 @@ def fid_stats(
     """Write Inception reference statistics of real images to `out` and return their
     metadata. COCO: all captioned val2014 images, or with `num` the images of the first
     `num` drawn captions (seed); shapes: the first `num` (default 2048) renders of a split."""
-    from clipgen.eval import registry
+    from clipgen.eval import captions, fid_reference, registry
 
     if (coco_dir is None) == (shapes_split is None):
         raise ValueError("give exactly one of coco_dir and shapes_split")
     if coco_dir is not None:
-        images = registry.CocoImages(coco_dir, num, seed)
+        images = captions.CocoImages(coco_dir, num, seed)
     else:
-        images = registry.ShapesCaptions(shapes_split, 2048 if num is None else num, seed)
+        images = captions.ShapesCaptions(shapes_split, 2048 if num is None else num, seed)
     mesh = registry.default_mesh()
-    features = registry.load_inception_features(inception, resize_mode, mesh)
+    features = fid_reference.load_inception_features(inception, resize_mode, mesh)
     divisor = features.feature_fn.batch_divisor
     if batch_size is None:
         batch_size = -(-DEFAULT_BATCH // divisor) * divisor
-    return registry.write_reference_stats(
+    return fid_reference.write_reference_stats(
         out, images, features, resolution, batch_size, save_features=save_features
     )
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipgen.pipelines.decoder import to_uint8
 from clipgen.pipelines.unclip import UnCLIP, normalize, progress_bar, stage_key, tick
+from clipgen.sampling import to_uint8
 
 
 @dataclasses.dataclass(frozen=True)

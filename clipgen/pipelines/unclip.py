@@ -7,10 +7,12 @@ of the pipeline's devices on the batch axis (replicated when the batch does not 
 the parameters replicated; every stage draws from its own key folded from the seed, so a
 result depends on the seed only, not on the devices. Conditioning follows the trainers:
 L2-normalised CLIP text and image embeddings, CLIP `text_hidden` token encodings with the
-tokenizer's mask (clipgen.train.prior / clipgen.train.decoder read the same from the
-embedding shards). The default sampling settings are the paper's (Table 3): prior 64
-strided steps (ancestral, without Analytic-DPM's variances) keeping the best of 2, decoder
-250 steps, upsamplers DDIM 27 and 15 steps; checkpoints bring their configs' `sample`.
+tokenizer's mask (the prior and decoder trainers read the same from the embedding
+shards). The stages and their order come from the stage table (clipgen.stages), the
+modules from the builder layer (clipgen.build). The default sampling settings are the
+paper's (Table 3): prior 64 strided steps (ancestral, without Analytic-DPM's variances)
+keeping the best of 2, decoder 250 steps, upsamplers DDIM 27 and 15 steps; checkpoints
+bring their configs' `sample`.
 """
 
 from __future__ import annotations
@@ -30,100 +32,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
+from clipgen import build, stages
+from clipgen.build import ClipModel, DiffusionModel
 from clipgen.data import preprocess
-from clipgen.data.tokenizer import Tokenizer
 from clipgen.diffusion import samplers
-from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.clip import CLIP
 from clipgen.models.decoder import Decoder
 from clipgen.models.prior import PriorTransformer
-from clipgen.pipelines.decoder import decoder_model_fn, sample_upsampler, to_uint8
-from clipgen.pipelines.prior import sample_prior
+from clipgen.pipelines.sampling_settings import Sampling, StageSampling
+from clipgen.sampling import decoder_model_fn, sample_prior, sample_upsampler, to_uint8
 
-STAGE_DIRS = ("clip", "prior", "decoder", "upsampler", "upsampler2")
-# Fixed per-stage salts folded into the seed's key.
-_SALT = {"prior": 1, "decoder": 2, "upsampler": 3, "upsampler2": 4, "render": 5, "noise": 6}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How each stage samples; `generate(..., **overrides)` replaces fields by name.
-
-    `invert_*` and `edit_guidance` serve the manipulations: DDIM inversion and DDIM
-    decoding over the decoder's `invert_respacing` process, both with the decoder guided
-    by `edit_guidance`, so that eta = 0 decodes an inverted image back to itself.
-    """
-
-    prior_respacing: str = "64"
-    prior_method: str = "ddpm"
-    prior_eta: float = 0.0
-    prior_guidance: float = 1.0
-    prior_best_of: int = 2
-    prior_clip: float | None = None
-    decoder_respacing: str = "250"
-    decoder_method: str = "ddpm"
-    decoder_eta: float = 0.0
-    decoder_guidance: float = 1.0
-    upsampler_respacing: str = "ddim27"
-    upsampler_method: str = "ddim"
-    upsampler_eta: float = 0.0
-    upsampler2_respacing: str = "ddim15"
-    upsampler2_method: str = "ddim"
-    upsampler2_eta: float = 0.0
-    invert_respacing: str = "ddim50"
-    invert_iterations: int = 2
-    edit_guidance: float = 1.0
-
-    @classmethod
-    def from_configs(cls, configs: Mapping[str, ml_collections.ConfigDict]) -> Sampling:
-        """The `sample` sections of the stage configs present (prior, decoder, upsampler,
-        upsampler2); the paper's defaults for what they leave out."""
-        values: dict[str, Any] = {}
-        keys = {
-            "respacing": "respacing",
-            "method": "method",
-            "eta": "eta",
-            "guidance_scale": "guidance",
-            "best_of": "best_of",
-            "clip_denoised": "clip",
-        }
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for stage in ("prior", "decoder", "upsampler", "upsampler2"):
-            sample = configs[stage].get("sample") if stage in configs else None
-            for key, suffix in keys.items():
-                if sample is not None and key in sample and f"{stage}_{suffix}" in fields:
-                    values[f"{stage}_{suffix}"] = sample[key]
-        return cls(**values)
-
-    def replace(self, **overrides) -> Sampling:
-        """These settings with `overrides` (field names); None values are ignored."""
-        fields = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown sampling settings {unknown}; known: {sorted(fields)}")
-        return dataclasses.replace(
-            self, **{key: value for key, value in overrides.items() if value is not None}
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipModel:
-    """A trained CLIP: its tokenizer, module and (EMA) parameters."""
-
-    tokenizer: Tokenizer
-    module: CLIP
-    params: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionModel:
-    """A diffusion stage: module, parameters, the process it was trained with, and the
-    resolution of what it draws (0 for the prior)."""
-
-    module: Any
-    params: Any
-    diffusion: Diffusion
-    resolution: int = 0
+# Salts of the pipeline's own draws, beside each stage's (clipgen.stages).
+_SALT = {"render": 5, "noise": 6}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +127,10 @@ class UnCLIP:
     def _put(self, tree: Any, batch: int) -> Any:
         return jax.device_put(tree, self.batch_sharding(batch))
 
-    def _program(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+    def _program(self, key: tuple, make: Callable[[], Callable]) -> Callable:
         """The jitted program cached under `key` (settings that change its trace)."""
         if key not in self._programs:
-            self._programs[key] = build()
+            self._programs[key] = make()
         return self._programs[key]
 
     # -- sizes ----------------------------------------------------------------------------
@@ -218,6 +138,12 @@ class UnCLIP:
     @property
     def embed_dim(self) -> int:
         return int(self.clip.module.projection_dim)
+
+    @property
+    def upsampler_names(self) -> tuple[str, ...]:
+        """The stage names of the upsamplers, in order (clipgen.stages)."""
+        names = tuple(spec.name for spec in stages.cascade() if spec.role == "upsampler")
+        return names[: len(self.upsamplers)]
 
     @property
     def resolution(self) -> int:
@@ -259,6 +185,11 @@ class UnCLIP:
                     f"the decoder's text transformer reads {glide.context_length} tokens, the "
                     f"CLIP tokenizer gives {tokenizer.context_length}"
                 )
+        if len(self.upsampler_names) < len(self.upsamplers):
+            problems.append(
+                f"{len(self.upsamplers)} upsamplers, but the stage table has "
+                f"{len(self.upsampler_names)} upsampler stages"
+            )
         sizes = [self.decoder.resolution] + [u.resolution for u in self.upsamplers]
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
             problems.append(f"the cascade's resolutions {sizes} do not increase")
@@ -277,7 +208,7 @@ class UnCLIP:
         ids, mask = self.clip.tokenizer.encode(list(captions))
         batch = len(ids)
 
-        def build():
+        def make():
             def encode(params, ids, mask):
                 def both(module, ids, mask):
                     hidden = module.text_hidden(ids, mask)
@@ -288,7 +219,7 @@ class UnCLIP:
 
             return jax.jit(encode, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("text", batch % len(self.devices) == 0), build)
+        program = self._program(("text", batch % len(self.devices) == 0), make)
         embed, tokens = program(self.clip.params, *self._put((ids, mask), batch))
         return TextCondition(ids, mask, embed, tokens)
 
@@ -298,7 +229,7 @@ class UnCLIP:
         pixels = preprocess.clip_preprocess(list(images), size)
         batch = len(pixels)
 
-        def build():
+        def make():
             def encode(params, pixels):
                 embeds = self.clip.module.apply(
                     {"params": params}, pixels, method=CLIP.encode_image
@@ -307,7 +238,7 @@ class UnCLIP:
 
             return jax.jit(encode, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("image", batch % len(self.devices) == 0), build)
+        program = self._program(("image", batch % len(self.devices) == 0), make)
         return program(self.clip.params, self._put(pixels, batch))
 
     # -- the prior ------------------------------------------------------------------------
@@ -315,18 +246,10 @@ class UnCLIP:
     def sample_prior(self, text: TextCondition, seed: int, sampling: Sampling) -> jax.Array:
         """L2-normalised CLIP image embeddings (B, D) drawn by the prior for `text`."""
         batch = len(text.input_ids)
-        s = sampling
-        settings = (
-            s.prior_respacing,
-            s.prior_method,
-            s.prior_eta,
-            s.prior_guidance,
-            s.prior_best_of,
-            s.prior_clip,
-        )
+        settings = sampling["prior"]
 
-        def build():
-            diffusion = self.prior.diffusion.respaced(s.prior_respacing)
+        def make():
+            diffusion = self.prior.diffusion.respaced(settings.respacing)
 
             def draw(params, cond, rng):
                 embeds = sample_prior(
@@ -335,17 +258,17 @@ class UnCLIP:
                     diffusion,
                     cond,
                     rng,
-                    guidance_scale=s.prior_guidance,
-                    best_of=s.prior_best_of,
-                    method=s.prior_method,
-                    eta=s.prior_eta,
-                    clip_denoised=s.prior_clip,
+                    guidance_scale=settings.guidance,
+                    best_of=settings.best_of,
+                    method=settings.method,
+                    eta=settings.eta,
+                    clip_denoised=settings.clip,
                 )
                 return normalize(embeds)
 
             return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("prior", batch % len(self.devices) == 0, *settings), build)
+        program = self._program(("prior", batch % len(self.devices) == 0, settings), make)
         cond = {
             "text_embed": text.embed,
             "text_tokens": text.tokens,
@@ -394,20 +317,17 @@ class UnCLIP:
         self,
         cond: dict[str, Any],
         rng: jax.Array,
-        *,
-        respacing: str,
-        method: str,
-        eta: float,
-        guidance: float,
+        settings: StageSampling,
         x_T: jax.Array | None = None,
     ) -> jax.Array:
-        """Decoder images (B, r, r, 3) in [-1, 1] for `decoder_condition`s, from `x_T` or
-        noise drawn from `rng`."""
+        """Decoder images (B, r, r, 3) in [-1, 1] for `decoder_condition`s, sampled as
+        `settings` say from `x_T` or noise drawn from `rng`."""
         batch = cond["image_embed"].shape[0]
         size = self.decoder.resolution
+        method, eta, guidance = settings.method, settings.eta, settings.guidance
 
-        def build():
-            diffusion = self.decoder.diffusion.respaced(respacing)
+        def make():
+            diffusion = self.decoder.diffusion.respaced(settings.respacing)
 
             def draw(params, cond, x_T, rng):
                 noise_rng, step_rng = jax.random.split(rng)
@@ -421,8 +341,8 @@ class UnCLIP:
 
             return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
-        key = ("decoder", batch % len(self.devices) == 0, respacing, method, eta, guidance)
-        program = self._program((*key, x_T is None), build)
+        key = ("decoder", batch % len(self.devices) == 0, settings, x_T is None)
+        program = self._program(key, make)
         inputs = self._put((cond, x_T), batch)
         return program(self.decoder.params, *inputs, rng)
 
@@ -434,7 +354,7 @@ class UnCLIP:
         s = sampling or self.sampling
         batch = x_0.shape[0]
 
-        def build():
+        def make():
             diffusion = self.decoder.diffusion.respaced(s.invert_respacing)
 
             def invert(params, cond, x_0):
@@ -451,7 +371,7 @@ class UnCLIP:
 
         split = batch % len(self.devices) == 0
         key = ("invert", split, s.invert_respacing, s.invert_iterations, s.edit_guidance)
-        program = self._program(key, build)
+        program = self._program(key, make)
         return program(self.decoder.params, *self._put((cond, x_0), batch))
 
     def decoder_input(self, images: Sequence[np.ndarray] | np.ndarray) -> jax.Array:
@@ -469,14 +389,11 @@ class UnCLIP:
         """Each upsampler's output in turn from decoder images (B, r, r, 3) in [-1, 1]."""
         outputs = []
         batch = images.shape[0]
-        for index, stage in enumerate(self.upsamplers):
-            name = upsampler_name(index)
-            respacing = getattr(sampling, f"{name}_respacing")
-            method = getattr(sampling, f"{name}_method")
-            eta = getattr(sampling, f"{name}_eta")
+        for name, stage in zip(self.upsampler_names, self.upsamplers, strict=True):
+            settings = sampling[name]
 
-            def build(stage=stage, respacing=respacing, method=method, eta=eta):
-                diffusion = stage.diffusion.respaced(respacing)
+            def make(stage=stage, settings=settings):
+                diffusion = stage.diffusion.respaced(settings.respacing)
 
                 def draw(params, low_res, rng):
                     return sample_upsampler(
@@ -486,14 +403,15 @@ class UnCLIP:
                         low_res,
                         rng,
                         stage.resolution,
-                        method=method,
-                        eta=eta,
+                        method=settings.method,
+                        eta=settings.eta,
                     )
 
                 return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
             split = batch % len(self.devices) == 0
-            program = self._program((name, split, respacing, method, eta), build)
+            key = (name, split, settings.respacing, settings.method, settings.eta)
+            program = self._program(key, make)
             images = program(stage.params, self._put(images, batch), stage_key(seed, name))
             outputs.append(tick(images, bar, name))
         return tuple(outputs)
@@ -508,17 +426,13 @@ class UnCLIP:
         if not captions:
             raise ValueError("stages() needs at least one caption")
         sampling = self.sampling.replace(**overrides)
-        s = sampling
         with progress_bar(progress, 3 + len(self.upsamplers), "unclip") as bar:
             text = tick(self.encode_text(captions), bar, "clip")
             image_embed = tick(self.sample_prior(text, seed, sampling), bar, "prior")
             images = self.sample_decoder(
                 self.decoder_condition(image_embed, text),
                 stage_key(seed, "decoder"),
-                respacing=s.decoder_respacing,
-                method=s.decoder_method,
-                eta=s.decoder_eta,
-                guidance=s.decoder_guidance,
+                sampling["decoder"],
             )
             images = tick(images, bar, "decoder")
             upsampled = self.upsample(images, seed, sampling, bar)
@@ -562,14 +476,9 @@ class UnCLIP:
         `invert` runs backwards), then the upsamplers."""
         s = sampling or self.sampling
         cond = self.decoder_condition(jnp.asarray(image_embed, jnp.float32), text)
+        settings = StageSampling(s.invert_respacing, "ddim", float(eta), s.edit_guidance)
         images = self.sample_decoder(
-            cond,
-            stage_key(seed, "render"),
-            respacing=s.invert_respacing,
-            method="ddim",
-            eta=float(eta),
-            guidance=s.edit_guidance,
-            x_T=jnp.asarray(x_T, jnp.float32),
+            cond, stage_key(seed, "render"), settings, x_T=jnp.asarray(x_T, jnp.float32)
         )
         images = tick(images, bar, "decoder")
         return (images, *self.upsample(images, seed, s, bar))
@@ -585,13 +494,9 @@ def normalize(x: jax.Array) -> jax.Array:
 
 
 def stage_key(seed: int, stage: str) -> jax.Array:
-    """The key a stage draws from for `seed`."""
-    return jax.random.fold_in(jax.random.key(seed), _SALT[stage])
-
-
-def upsampler_name(index: int) -> str:
-    """The Sampling prefix of the index-th upsampler: upsampler, upsampler2."""
-    return "upsampler" if index == 0 else f"upsampler{index + 1}"
+    """The key a stage (or the pipeline's "render" and "noise" draws) draws from for `seed`."""
+    salt = _SALT[stage] if stage in _SALT else stages.get(stage).salt
+    return jax.random.fold_in(jax.random.key(seed), salt)
 
 
 def progress_bar(enabled: bool | tqdm, total: int, desc: str):
@@ -641,123 +546,51 @@ def from_configs(
     output_resolution: int | None = None,
     **overrides,
 ) -> UnCLIP:
-    """A pipeline from stage configs and parameters keyed clip, prior, decoder, upsampler
-    and upsampler2 (the upsamplers optional), sampling as the configs' `sample` sections
-    say, then `overrides` (Sampling fields)."""
-    from clipgen.train import clip as clip_stage
-    from clipgen.train import decoder as decoder_stage
-    from clipgen.train import prior as prior_stage
-    from clipgen.train import upsampler as upsampler_stage
-
-    tokenizer = clip_stage.make_tokenizer(configs["clip"])
-    clip = ClipModel(
-        tokenizer, clip_stage.build_model(configs["clip"], tokenizer), _plain(params["clip"])
-    )
-    prior_config, decoder_config = configs["prior"], configs["decoder"]
-    prior = DiffusionModel(
-        prior_stage.build_model(prior_config),
-        _plain(params["prior"]),
-        prior_stage.build_diffusion(prior_config),
-    )
-    decoder = DiffusionModel(
-        decoder_stage.build_model(decoder_config),
-        _plain(params["decoder"]),
-        decoder_stage.build_diffusion(decoder_config),
-        int(decoder_config.data.resolution),
-    )
-    upsamplers = []
-    for name in ("upsampler", "upsampler2"):
-        if name not in configs:
-            break
-        config = configs[name]
-        upsamplers.append(
-            DiffusionModel(
-                upsampler_stage.build_model(config),
-                _plain(params[name]),
-                decoder_stage.build_diffusion(config),
-                int(config.data.resolution),
-            )
-        )
+    """A pipeline from stage configs and parameters keyed by stage name (clipgen.stages:
+    clip, prior, decoder, then the upsamplers present, in order), sampling as the configs'
+    `sample` sections say, then `overrides` (Sampling's flat names)."""
+    models: dict[str, list] = {role: [] for role in stages.ROLES}
+    for spec in stages.cascade():
+        if spec.name not in configs:
+            if spec.role != "upsampler":
+                raise ValueError(f"the cascade needs the {spec.name} stage's config and params")
+            continue
+        make = build.clip_model if spec.role == "clip" else build.diffusion_model
+        models[spec.role].append(make(configs[spec.name], params[spec.name]))
     sampling = Sampling.from_configs(configs).replace(**overrides)
     return from_params(
-        clip=clip,
-        prior=prior,
-        decoder=decoder,
-        upsamplers=upsamplers,
+        clip=models["clip"][0],
+        prior=models["prior"][0],
+        decoder=models["decoder"][0],
+        upsamplers=models["upsampler"],
         sampling=sampling,
         devices=devices,
         output_resolution=output_resolution,
     )
 
 
-def restore_stage(
-    run_dir: str | Path, stage: str, preset: str
-) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, EMA parameters, step) of a `clipgen train` run's newest checkpoint; the
-    config is the one stored with it (JSON: tuples come back as lists, restored here), or
-    `configs/<stage>.py:<preset>` for a checkpoint without one."""
-    from clipgen.checkpoint import Checkpointer
-    from clipgen.train import config as config_lib
-
-    directory = Path(run_dir) / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"no checkpoints at {directory}: train the {stage} stage there first "
-            f"(clipgen train --config configs/{stage}.py:{preset} --workdir {run_dir})"
-        )
-    checkpointer = Checkpointer(directory)
-    try:
-        saved, ema, step = checkpointer.restore_for_inference()
-    finally:
-        checkpointer.close()
-    if saved:
-        config = ml_collections.ConfigDict(_tuples(saved))
-    else:
-        logging.warning("%s stores no config; using configs/%s.py:%s", directory, stage, preset)
-        config = config_lib.load_preset(stage, preset)
-    return config, next(iter(ema.values())), step
-
-
 def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any]) -> UnCLIP:
-    """The cascade trained in `settings.workdir`: `clip`, `prior`, `decoder`, then
-    `upsampler` and `upsampler2` where present, each a `clipgen train` run. Other settings
-    (all optional): `preset` (configs to use for checkpoints that store none; the second
-    upsampler's is `second_<preset>`), `resolution` (resize the final images; 0: as drawn),
-    `sampling` (Sampling overrides; None values ignored)."""
+    """The cascade trained in `settings.workdir`: a `clipgen train` run per stage of the
+    cascade (clipgen.stages: clip, prior, decoder, then upsampler and upsampler2 where
+    present) in the subdirectory of its name. Other settings (all optional): `preset` (the
+    configs of runs whose checkpoints store none), `resolution` (resize the final images;
+    0: as drawn), `sampling` (Sampling overrides; None values ignored)."""
     settings = dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
     if not settings.get("workdir"):
         raise ValueError("the unclip generator needs `workdir`: the directory of the stage runs")
     workdir = Path(settings["workdir"])
     preset = settings.get("preset") or "demo"
     configs, params, steps = {}, {}, {}
-    for name in STAGE_DIRS:
-        stage = "upsampler" if name.startswith("upsampler") else name
-        stage_preset = f"second_{preset}" if name == "upsampler2" else preset
-        optional = name.startswith("upsampler")
-        if optional and not (workdir / name / "checkpoints").is_dir():
-            logging.info("no %s run in %s: the cascade stops before it", name, workdir)
+    for spec in stages.cascade():
+        run_dir = workdir / spec.name
+        if spec.role == "upsampler" and not (run_dir / "checkpoints").is_dir():
+            logging.info("no %s run in %s: the cascade stops before it", spec.name, workdir)
             break
-        configs[name], params[name], steps[name] = restore_stage(
-            workdir / name, stage, stage_preset
-        )
+        trained = build.restore(run_dir, functools.partial(spec.config, preset))
+        configs[spec.name], params[spec.name] = trained.config, trained.params
+        steps[spec.name] = trained.step
     logging.info("unCLIP cascade from %s at steps %s", workdir, steps)
     sampling = {k: v for k, v in (settings.get("sampling") or {}).items() if v is not None}
     return from_configs(
         configs, params, output_resolution=int(settings.get("resolution") or 0) or None, **sampling
     )
-
-
-def _plain(params: Any) -> Any:
-    """Parameters without logical-axis boxes."""
-    from flax.linen import meta
-
-    return meta.unbox(params)
-
-
-def _tuples(tree: Any) -> Any:
-    """JSON lists back to the tuples the configs were written with."""
-    if isinstance(tree, dict):
-        return {key: _tuples(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_tuples(value) for value in tree)
-    return tree

@@ -1,6 +1,6 @@
 """Autoregressive prior stage: next-code cross-entropy over PCA-quantised CLIP image
 embeddings, on the same embedding shards as the diffusion prior (and scored by the same
-evaluator)."""
+evaluator, `prior_retrieval`)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from clipgen.models.ar_prior import (
-    ARPrior,
-    ARPriorConfig,
-    dot_bucket,
-    fit_statistics,
-    init_ar_prior,
-    quantize,
-    sample_ar_prior,
-)
-from clipgen.train import prior as prior_stage
+from clipgen import build
+from clipgen.data import embeddings
+from clipgen.models.ar_prior import ARPrior, dot_bucket, fit_statistics, init_ar_prior, quantize
 from clipgen.train.loop import Stage
-
-
-def build_model(config: ml_collections.ConfigDict) -> ARPrior:
-    model = config.model
-    return ARPrior(
-        ARPriorConfig(
-            width=model.width,
-            heads=model.heads,
-            layers=model.layers,
-            embedding_dim=model.embedding_dim,
-            num_codes=model.num_codes,
-            num_buckets=model.num_buckets,
-            num_dot_buckets=model.num_dot_buckets,
-            num_text_tokens=model.num_text_tokens,
-            text_token_dim=model.text_token_dim,
-        ),
-        dtype=jnp.dtype(model.dtype),
-    )
 
 
 def ar_loss(module: ARPrior):
@@ -68,8 +43,8 @@ def ar_loss(module: ARPrior):
 
 
 def make_stage(config: ml_collections.ConfigDict) -> Stage:
-    train = prior_stage.training_split(config)
-    module = build_model(config)
+    train = embeddings.training_split(config)
+    module = build.module(config)
     stats = fit_statistics(train["image_embeds"], train["text_embed"], module.config)
 
     def init_params(rng):
@@ -79,24 +54,10 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
             params[name] = old.replace_boxed(value) if hasattr(old, "replace_boxed") else value
         return jax.tree_util.tree_map(jnp.asarray, params)
 
-    sampler = jax.jit(
-        functools.partial(
-            sample_ar_prior,
-            module,
-            top_p=config.sample.top_p,
-            dot_range=tuple(config.sample.dot_range),
-        )
-    )
-
-    def sample(params, cond, rng):
-        return sampler(params=params, cond=cond, rng=rng)
-
-    synthetic = config.data.embeddings == "synthetic"
     return Stage(
         "ar_prior",
         init_params,
         ar_loss(module),
-        prior_stage.train_batches(config, train),
-        functools.partial(prior_stage.batch_spec_for, config),
-        evaluate=None if synthetic else prior_stage.make_evaluator(config, sample),
+        embeddings.shuffled_batches(train, config.seed),
+        functools.partial(embeddings.prior_batch_spec, config.model),
     )

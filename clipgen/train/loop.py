@@ -1,8 +1,10 @@
 """The one training loop every stage shares.
 
 A stage supplies only what is particular to it (a `Stage`: its parameters, its batches and
-its loss, optionally previews and evaluations); the loop owns the mesh, the sharded state,
-the compiled step, checkpoints, metrics, pre-emption and non-finite handling.
+its loss, optionally a sampling preview); the loop owns the mesh, the sharded state, the
+compiled step, checkpoints, metrics, pre-emption and non-finite handling. Evaluations are
+handed to `train` by its caller (`clipgen train` and the demo build them from
+`config.evals`), so the loop knows nothing of the evaluation layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from clipgen.checkpoint import Checkpointer
 from clipgen.train import state as state_lib
 
 Batch = dict[str, Any]
-Generate = Callable[[list[str], int], np.ndarray]  # (captions, seed) -> uint8 NHWC images
+Evaluate = Callable[[state_lib.TrainState], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +41,7 @@ class Stage:
     batches(first_batch, global_batch_size) -> this process's slices of consecutive global
         batches, starting at batch number `first_batch` (this is how a run resumes).
     batch_spec(global_batch_size) -> the global batch as ShapeDtypeStructs.
-    preview(state) -> images to write ({name: uint8 NHWC}); evaluate(state) -> scalars.
-    generator(state) -> generate(captions, seed) -> uint8 (N, H, W, 3) images: the text-to-image
-        generator of the current state, scored every `config.eval_every` steps by the
-        evaluators of `config.evals` (clipgen.eval.registry).
+    preview(state) -> images to write ({name: uint8 NHWC}).
     """
 
     name: str
@@ -51,8 +50,6 @@ class Stage:
     batches: Callable[[int, int], Iterator[Batch]]
     batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]]
     preview: Callable[[state_lib.TrainState], dict[str, np.ndarray]] | None = None
-    evaluate: Callable[[state_lib.TrainState], dict[str, float]] | None = None
-    generator: Callable[[state_lib.TrainState], Generate] | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -71,11 +68,13 @@ def train(
     *,
     deadline: float | None = None,
     hooks: Sequence[Callable[[int], None]] = (),
+    evaluators: Mapping[str, Evaluate] | None = None,
 ) -> state_lib.TrainState:
     """Train `stage` for `config.total_steps` steps in `workdir`, resuming from its newest
     checkpoint; the mesh spans `devices` (default: all). With `deadline` (a `time.time()`
     value) it stops early once that has passed, after saving a checkpoint. `hooks` are
-    called with the step number after each step, beside the loop's own progress report. Raises
+    called with the step number after each step, beside the loop's own progress report;
+    `evaluators` (name -> evaluate(state) -> scalars) every `config.eval_every` steps. Raises
     `Preempted` after saving when SIGTERM arrives, `NonFiniteError` when a non-finite loss
     or gradient appears and `config.on_nonfinite == "stop"`."""
     workdir = Path(workdir)
@@ -96,7 +95,7 @@ def train(
         first_batch = int(restored.data["batches"])
         logging.info("resumed from %s at step %d", checkpointer.directory, restored.step)
     step_fn = run.step
-    evaluators = _build_evaluators(config, stage, mesh)
+    evaluators = dict(evaluators or {})
     writer = _metric_writer(workdir)
     hooks = [*_progress_hooks(config, writer), *hooks]
     start_step = int(jax.device_get(train_state.step))
@@ -128,13 +127,9 @@ def train(
                     save()
                 if stage.preview and config.preview_every and step % config.preview_every == 0:
                     writer.write_images(step, stage.preview(train_state))
-                if stage.evaluate and config.eval_every and step % config.eval_every == 0:
-                    writer.write_scalars(step, stage.evaluate(train_state))
-                if evaluators and config.eval_every and step % config.eval_every == 0:
-                    generate = stage.generator(train_state)
-                    for name, evaluator in evaluators.items():
-                        scores = evaluator(generate)
-                        writer.write_scalars(step, {f"{name}/{k}": v for k, v in scores.items()})
+                if config.eval_every and step % config.eval_every == 0:
+                    for evaluate in evaluators.values():
+                        writer.write_scalars(step, evaluate(train_state))
                 if stop_signal.raised or (
                     jax.process_count() > 1 and checkpointer.manager.reached_preemption(step)
                 ):
@@ -298,16 +293,6 @@ def _write_window(writer, step: int, window: list[dict[str, jax.Array]]) -> None
     host = jax.device_get(window)
     scalars = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
     writer.write_scalars(step, scalars)
-
-
-def _build_evaluators(config, stage: Stage, mesh) -> dict[str, Any]:
-    """The evaluators of `config.evals` when the stage can generate images, else none."""
-    if stage.generator is None or not config.get("evals"):
-        return {}
-    from clipgen.eval import registry
-
-    evaluators, _ = registry.build_all(config.evals, mesh=mesh)
-    return evaluators
 
 
 def _metric_writer(workdir: Path):

@@ -1,4 +1,6 @@
-"""The training loop's config fields, which every stage's `get_config(arg)` starts from."""
+"""Configs: the training loop's fields, which every stage's `get_config(arg)` starts from,
+and the presets of `configs/<stage>.py` (found in the checkout, or in the copy that
+`pip install` ships as `clipgen.configs`)."""
 
 from __future__ import annotations
 
@@ -59,10 +61,22 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.data = ml_collections.ConfigDict()
-    config.eval = ml_collections.ConfigDict()
-    # clipgen.eval.registry evaluators run every eval_every steps on stages with a generator.
+    # Evaluators by name, each {"type": a module of clipgen.eval.evaluators, its settings};
+    # `clipgen train` and the demo hand them to the loop, which runs them every eval_every.
     config.evals = ml_collections.ConfigDict()
     return config
+
+
+def tiny_loop(config: ml_collections.ConfigDict, batch_size: int, eval_every: int = 0) -> None:
+    """The loop settings of a `tiny` preset (tests): 4 steps of `batch_size`, metrics and
+    checkpoints every 2, one warm-up step, no previews."""
+    config.batch_size = batch_size
+    config.total_steps = 4
+    config.log_every = 2
+    config.eval_every = eval_every
+    config.preview_every = 0
+    config.checkpoint.every = 2
+    config.optim.warmup_steps = 1
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -96,12 +110,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("bad config:\n  " + "\n  ".join(problems))
 
 
-def load_preset(stage: str, preset: str):
-    """`configs/<stage>.py:<preset>` from the repository clipgen runs from."""
-    path = Path(clipgen.__file__).parents[1] / "configs" / f"{stage}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the demo from a clipgen checkout")
-    spec = importlib.util.spec_from_file_location(f"clipgen_configs_{stage}", path)
+def preset_path(name: str) -> Path:
+    """`configs/<name>.py`: the copy installed with the package (`clipgen/configs/`), or
+    the checkout's when clipgen runs from one."""
+    package = Path(clipgen.__file__).parent
+    for path in (package / "configs" / f"{name}.py", package.parent / "configs" / f"{name}.py"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no config file {name}.py in {package / 'configs'} or {package.parent / 'configs'}; "
+        "clipgen's own stages are clip, prior, ar_prior, decoder, upsampler and eval"
+    )
+
+
+def load_preset(name: str, preset: str) -> ml_collections.ConfigDict:
+    """`configs/<name>.py:<preset>` (see `preset_path`)."""
+    path = preset_path(name)
+    spec = importlib.util.spec_from_file_location(f"clipgen_configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset)

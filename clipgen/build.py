@@ -1,0 +1,267 @@
+"""The builder layer: a stage's config -> its module, diffusion process, tokenizer and input
+preprocessing, and `restore(run_dir)` -> a trained stage's config and (EMA) parameters for
+inference. Training, sampling, embedding, evaluation, the demo and the CLI all build
+through here (guided-diffusion's `create_model_and_diffusion`, once for everyone).
+
+A config's `stage` names what it builds: clip, prior, ar_prior, decoder or upsampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from clipgen.checkpoint import Checkpointer
+from clipgen.data import pipeline, preprocess
+from clipgen.data.tokenizer import Tokenizer
+from clipgen.diffusion.gaussian import Diffusion, make_diffusion
+from clipgen.models.ar_prior import ARPrior, ARPriorConfig
+from clipgen.models.clip import CLIP, TextConfig, VisionConfig
+from clipgen.models.decoder import Decoder, DecoderConfig
+from clipgen.models.prior import PriorConfig, PriorTransformer
+from clipgen.models.unet import UNetConfig
+from clipgen.models.upsampler import Upsampler, UpsamplerConfig
+
+# --- tokenizers and preprocessing --------------------------------------------------------------
+
+
+@functools.cache
+def shapes_tokenizer(num_merges: int, context_length: int, seed: int = 0) -> Tokenizer:
+    """The demo tokenizer: a BPE learnt from 5,000 training-split captions (the same in
+    every process)."""
+    source = pipeline.ProceduralShapes((), split="train", seed=seed)
+    captions = [source[i]["caption"] for i in range(5000)]
+    return Tokenizer.train(captions, num_merges=num_merges, context_length=context_length)
+
+
+def tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """`config.data.tokenizer`: "shapes" (trained on the captions), OpenAI's
+    bpe_simple_vocab .txt.gz, an HF tokenizer directory, or a clipgen tokenizer JSON."""
+    name, length = config.data.tokenizer, config.data.context_length
+    if name == "shapes":
+        return shapes_tokenizer(config.data.num_merges, length, config.data.seed)
+    path = Path(name)
+    if path.is_dir():
+        return Tokenizer.from_hf_directory(path, length)
+    if path.name.endswith(".txt.gz"):
+        return Tokenizer.from_bpe_vocab(path, length)
+    if path.suffix == ".json":
+        return Tokenizer.load(path)
+    raise ValueError(f"config.data.tokenizer={name!r}: not 'shapes', a .txt.gz, dir or .json")
+
+
+def clip_inputs(
+    examples: list[dict], tokenizer: Tokenizer, image_key: str, resolution: int
+) -> dict[str, np.ndarray]:
+    """Examples (image, caption) -> CLIP's inputs: preprocessed pixels, ids and mask."""
+    ids, mask = tokenizer.encode([pipeline.decode_text(e["caption"]) for e in examples])
+    pixels = preprocess.clip_preprocess([e[image_key] for e in examples], resolution)
+    return {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+
+def clip_module(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> CLIP:
+    """The CLIP `config.model.{vision,text}` and `projection_dim` describe."""
+    model = config.model
+    return CLIP(
+        vision=VisionConfig(**model.vision.to_dict()),
+        text=TextConfig(
+            vocab_size=tokenizer.vocab_size,
+            context_length=tokenizer.context_length,
+            eos_token_id=tokenizer.end_id,
+            **model.text.to_dict(),
+        ),
+        projection_dim=model.projection_dim,
+        dtype=jnp.dtype(model.dtype),
+    )
+
+
+def prior_module(config: ml_collections.ConfigDict) -> PriorTransformer:
+    """The diffusion prior transformer `config.model` describes."""
+    model = config.model
+    prior_config = PriorConfig(
+        num_attention_heads=model.heads,
+        attention_head_dim=model.head_dim,
+        num_layers=model.layers,
+        embedding_dim=model.embedding_dim,
+        num_embeddings=model.num_text_tokens,
+        encoder_hidden_dim=model.text_token_dim,
+        additional_embeddings=4,
+        dropout=model.dropout,
+        added_emb_type="prd",
+        encoder_hid_proj_type="linear",
+    )
+    return PriorTransformer(prior_config, dtype=jnp.dtype(model.dtype))
+
+
+def ar_prior_module(config: ml_collections.ConfigDict) -> ARPrior:
+    """The autoregressive prior `config.model` describes."""
+    model = config.model
+    return ARPrior(
+        ARPriorConfig(
+            width=model.width,
+            heads=model.heads,
+            layers=model.layers,
+            embedding_dim=model.embedding_dim,
+            num_codes=model.num_codes,
+            num_buckets=model.num_buckets,
+            num_dot_buckets=model.num_dot_buckets,
+            num_text_tokens=model.num_text_tokens,
+            text_token_dim=model.text_token_dim,
+        ),
+        dtype=jnp.dtype(model.dtype),
+    )
+
+
+def decoder_module(config: ml_collections.ConfigDict) -> Decoder:
+    """The decoder `config.model` describes: frozen CLIP text encodings (Karlo), or with
+    `model.text_transformer` (TextConfig fields) GLIDE's trainable text transformer."""
+    model = config.model
+    text_transformer = model.get("text_transformer")
+    text = (
+        {"text_transformer": TextConfig(**text_transformer.to_dict())}
+        if text_transformer
+        else {"text_width": model.text_width, "text_embed_dim": model.clip_embed_dim}
+    )
+    decoder_config = DecoderConfig(
+        unet=UNetConfig(**model.unet.to_dict()),
+        clip_embed_dim=model.clip_embed_dim,
+        clip_extra_tokens=model.clip_extra_tokens,
+        image_embed_scale=model.get("image_embed_scale", 1.0),
+        **text,
+    )
+    return Decoder(decoder_config, dtype=jnp.dtype(model.dtype))
+
+
+def upsampler_module(config: ml_collections.ConfigDict) -> Upsampler:
+    """The upsampler `config.model` describes."""
+    model = config.model
+    unet = UNetConfig(**model.unet.to_dict())
+    upsampler = UpsamplerConfig(unet, resize=model.resize, residual=model.get("residual", False))
+    return Upsampler(upsampler, dtype=jnp.dtype(model.dtype))
+
+
+_MODULES: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "prior": prior_module,
+    "ar_prior": ar_prior_module,
+    "decoder": decoder_module,
+    "upsampler": upsampler_module,
+}
+
+
+def module(config: ml_collections.ConfigDict, text_tokenizer: Tokenizer | None = None) -> nn.Module:
+    """The network of the stage `config.stage` names (a CLIP's tokenizer is built from the
+    config unless given)."""
+    if config.stage == "clip":
+        return clip_module(config, text_tokenizer or tokenizer(config))
+    if config.stage not in _MODULES:
+        raise ValueError(
+            f"config.stage={config.stage!r} builds no network here; stages with one: "
+            f"clip, {', '.join(_MODULES)}"
+        )
+    return _MODULES[config.stage](config)
+
+
+def diffusion(config: ml_collections.ConfigDict, respacing: str | None = None) -> Diffusion:
+    """The Gaussian diffusion process of `config.diffusion` (variance fixed_small unless it
+    says otherwise), respaced when asked."""
+    settings = config.diffusion
+    return make_diffusion(
+        settings.schedule,
+        settings.timesteps,
+        prediction=settings.prediction,
+        variance=settings.get("variance", "fixed_small"),
+        respacing=respacing,
+    )
+
+
+# --- trained stages for inference ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A trained stage: the config it was trained with, its (EMA) parameters without
+    logical-axis boxes, and the step they are from."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    step: int
+
+
+def restore(
+    run_dir: str | Path, default_config: Callable[[], ml_collections.ConfigDict] | None = None
+) -> Trained:
+    """The newest checkpoint of a `clipgen train` run: its stored config (JSON lists turned
+    back into the tuples configs are written with), or `default_config()` for a checkpoint
+    that stores none, and its first EMA's parameters."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"no checkpoints at {directory}: train the stage there first "
+            f"(clipgen train --config configs/<stage>.py:<preset> --workdir {run_dir})"
+        )
+    checkpointer = Checkpointer(directory)
+    try:
+        saved, ema, step = checkpointer.restore_for_inference()
+    finally:
+        checkpointer.close()
+    if saved:
+        config = ml_collections.ConfigDict(_tuples(saved))
+    elif default_config is not None:
+        config = default_config()
+        logging.warning("%s stores no config; using the %s preset", directory, config.stage)
+    else:
+        raise ValueError(f"{directory} stores no config: give the preset it was trained with")
+    return Trained(config, nn.meta.unbox(next(iter(ema.values()))), step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipModel:
+    """A CLIP ready for inference: its tokenizer, module and parameters."""
+
+    tokenizer: Tokenizer
+    module: CLIP
+    params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionModel:
+    """A diffusion stage ready for inference: module, parameters, the process it was
+    trained with, and the resolution of what it draws (0 for the prior)."""
+
+    module: Any
+    params: Any
+    diffusion: Diffusion
+    resolution: int = 0
+
+
+def clip_model(config: ml_collections.ConfigDict, params: Any) -> ClipModel:
+    """A CLIP stage's config and parameters as a ClipModel."""
+    clip_tokenizer = tokenizer(config)
+    return ClipModel(clip_tokenizer, clip_module(config, clip_tokenizer), nn.meta.unbox(params))
+
+
+def diffusion_model(config: ml_collections.ConfigDict, params: Any) -> DiffusionModel:
+    """A prior's, decoder's or upsampler's config and parameters as a DiffusionModel."""
+    resolution = int(config.data.resolution) if config.stage in ("decoder", "upsampler") else 0
+    return DiffusionModel(module(config), nn.meta.unbox(params), diffusion(config), resolution)
+
+
+def _tuples(tree: Any) -> Any:
+    """JSON lists back to the tuples the configs were written with."""
+    if isinstance(tree, dict):
+        return {key: _tuples(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(value) for value in tree)
+    return tree

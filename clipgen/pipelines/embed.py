@@ -1,0 +1,85 @@
+"""Embedding a shapes split with a trained CLIP: image and text embeddings and the text
+tower's token encodings, written once as shards (clipgen.data.embeddings) for the stages
+that train on them. `clipgen embed` runs `run`; `clipgen train` and the demo call
+`ensure_embeddings` before a stage that reads shards, so missing ones are made first."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from clipgen import build, stages
+from clipgen.data import embeddings, pipeline
+from clipgen.models.clip import CLIP
+
+
+def run(
+    clip_run: str | Path,
+    out: str | Path,
+    split: str = "test",
+    num_examples: int = 1000,
+    batch_size: int = 250,
+    shard_size: int = 500,
+    default_config: Callable[[], ml_collections.ConfigDict] | None = None,
+) -> Path:
+    """Embed the first `num_examples` of the shapes `split` in order with the CLIP trained
+    in `clip_run` (its stored config; `default_config()` for a checkpoint that stores
+    none); returns the directory of the shards."""
+    trained = build.restore(clip_run, default_config)
+    config = trained.config
+    clip = build.clip_model(config, trained.params)
+    module, tokenizer = clip.module, clip.tokenizer
+    resolution = config.model.vision.image_size
+    source = pipeline.ProceduralShapes((config.data.resolution,), split, config.data.seed)
+    image_key = f"image_{config.data.resolution}"
+
+    @jax.jit
+    def encode(pixels, ids, mask):
+        variables = {"params": clip.params}
+        return {
+            "image_embeds": module.apply(variables, pixels, method=CLIP.encode_image),
+            "text_embeds": module.apply(variables, ids, mask, method=CLIP.encode_text),
+            "text_tokens": module.apply(variables, ids, mask, method=CLIP.text_hidden),
+        }
+
+    def batches():
+        for start in tqdm(range(0, num_examples, batch_size), desc=f"embed {split}"):
+            examples = [source[i] for i in range(start, min(start + batch_size, num_examples))]
+            inputs = build.clip_inputs(examples, tokenizer, image_key, resolution)
+            mask = inputs["attention_mask"]
+            outputs = jax.device_get(encode(inputs["pixels"], inputs["input_ids"], mask))
+            yield dict(outputs, ids=np.array([e["id"] for e in examples]), text_mask=mask)
+
+    metadata = {"split": split, "clip_workdir": str(clip_run), "clip_step": trained.step}
+    directory = embeddings.write_shards(out, batches(), shard_size, metadata)
+    logging.info("wrote %d embeddings of %s to %s", num_examples, split, directory)
+    return directory
+
+
+def ensure_embeddings(config: ml_collections.ConfigDict) -> None:
+    """Write the embedding shards a stage reading them lacks (the splits of
+    `config.data.num_examples` under `config.data.embeddings`) with the CLIP run in
+    `config.data.clip_workdir`; refuse clearly when neither shards nor a CLIP run are there.
+    Does nothing for stages without shards or with synthetic ones."""
+    data = config.get("data", {})
+    if "embeddings" not in data or data.embeddings == "synthetic":
+        return
+    for split, count in data.num_examples.items():
+        directory = embeddings.embedding_dir(data, split)
+        if (directory / embeddings.MANIFEST).exists():
+            continue
+        if not data.get("clip_workdir"):
+            raise FileNotFoundError(
+                f"no embedding shards at {directory} and config.data.clip_workdir is empty: "
+                f"run `clipgen embed` for split {split!r} or name the CLIP run to embed with"
+            )
+        logging.info("embedding the %s split with the CLIP in %s", split, data.clip_workdir)
+        clip_preset = functools.partial(stages.get("clip").config, data.clip_preset)
+        run(data.clip_workdir, directory, split, int(count), default_config=clip_preset)
