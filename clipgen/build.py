@@ -3,7 +3,8 @@ preprocessing, and `restore(run_dir)` -> a trained stage's config and (EMA) para
 inference. Training, sampling, embedding, evaluation, the demo and the CLI all build
 through here (guided-diffusion's `create_model_and_diffusion`, once for everyone).
 
-A config's `stage` names what it builds: clip, prior, ar_prior, decoder or upsampler.
+A config's `stage` names what it builds: clip, prior, ar_prior, decoder, upsampler or
+operator (a fine-tuned prior).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def upsampler_module(config: ml_collections.ConfigDict) -> Upsampler:
 
 _MODULES: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "prior": prior_module,
+    "operator": prior_module,  # a pOps operator is a fine-tuned prior
     "ar_prior": ar_prior_module,
     "decoder": decoder_module,
     "upsampler": upsampler_module,

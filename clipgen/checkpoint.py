@@ -24,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers
 import clipgen
 
 # Config sections whose values fix the shapes of what a checkpoint holds.
-SHAPE_KEYS = ("model",)
+SHAPE_KEYS = ("model", "lora")
 
 
 class CheckpointMismatchError(ValueError):

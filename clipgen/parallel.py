@@ -159,6 +159,8 @@ def tree_shardings(
 
     def leaf_sharding(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
+            if not hasattr(leaf.value, "shape"):  # optax's MaskedNode: a frozen leaf's state
+                return leaf.value
             spec = nn.logical_to_mesh_axes(leaf.names, rules)
             return NamedSharding(mesh, _drop_indivisible(spec, leaf.value.shape, mesh))
         return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh, fsdp_min_size))
@@ -209,6 +211,17 @@ def init_onto(
         return jax.jit(lambda *inner: nn.meta.unbox(init_fn(*inner)), out_shardings=shardings)(
             *args
         )
+
+
+def put_host_tree(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same in every process) as global jax.Arrays on `shardings`: each
+    device gets only its slice."""
+
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

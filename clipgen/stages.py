@@ -61,6 +61,7 @@ STAGES = (
     StageSpec("clip", "clip", "clip", "clip", None, demo=DemoPlan(0.30, 89.0, 0.3)),
     StageSpec("prior", "prior", "prior", "prior", 1, demo=DemoPlan(0.12, 143.0, 0.8)),
     StageSpec("ar_prior", "ar_prior", "ar_prior", None, None),
+    StageSpec("operator", "operator", "operator", None, 7),
     StageSpec("decoder", "decoder", "decoder", "decoder", 2, demo=DemoPlan(0.44, 270.0, 1.0)),
     StageSpec(
         "upsampler", "upsampler", "upsampler", "upsampler", 3, demo=DemoPlan(0.07, 346.0, 0.45)

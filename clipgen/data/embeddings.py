@@ -1,10 +1,11 @@
 """Embedding shards: CLIP outputs for a dataset, written once and read by later stages.
 
 A directory holds `shard-NNNNN.npz` files (ids, image_embeds, text_embeds, text_tokens,
-text_mask; no pickles) and a `manifest.json` written last, listing each shard's example
-ids. The reader checks every shard against the manifest and, given the image dataset's
-ids, that the two line up, and refuses them naming the first mismatch: misaligned shards
-are how other implementations silently train on wrong pairs or hang.
+text_mask, or the fields its manifest lists; no pickles) and a `manifest.json` written
+last, listing the fields and each shard's example ids. The reader checks every shard
+against the manifest and, given the image dataset's ids, that the two line up, and refuses
+them naming the first mismatch: misaligned shards are how other implementations silently
+train on wrong pairs or hang.
 """
 
 from __future__ import annotations
@@ -34,33 +35,37 @@ def write_shards(
     batches: Iterable[dict[str, np.ndarray]],
     shard_size: int,
     metadata: dict[str, Any],
+    fields: tuple[str, ...] = FIELDS,
 ) -> Path:
-    """Write batches of FIELDS into shards of `shard_size` examples, then the manifest.
+    """Write batches of `fields` ("ids" among them) into shards of `shard_size` examples,
+    then the manifest (which lists the fields).
 
     Each file is written to a temporary name and renamed, and the manifest comes last, so
     an interrupted run leaves no manifest and is refused by the reader, never half-read.
     """
+    if "ids" not in fields:
+        raise ValueError(f"shards need an 'ids' field; got {fields}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
-    pending: dict[str, list[np.ndarray]] = {field: [] for field in FIELDS}
+    pending: dict[str, list[np.ndarray]] = {field: [] for field in fields}
     shards: list[dict[str, Any]] = []
 
     def flush(count: int) -> None:
-        arrays = {field: np.concatenate(pending[field]) for field in FIELDS}
+        arrays = {field: np.concatenate(pending[field]) for field in fields}
         chunk = {field: value[:count] for field, value in arrays.items()}
         name = f"shard-{len(shards):05d}.npz"
         atomic_write(directory / name, lambda file: np.savez(file, **chunk))
         shards.append({"file": name, "ids": [int(i) for i in chunk["ids"]]})
-        for field in FIELDS:
+        for field in fields:
             pending[field] = [arrays[field][count:]]
 
     buffered = 0
     for batch in batches:
-        lengths = {field: len(batch[field]) for field in FIELDS}
+        lengths = {field: len(batch[field]) for field in fields}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"a batch's fields have different lengths: {lengths}")
-        for field in FIELDS:
+        for field in fields:
             pending[field].append(np.asarray(batch[field]))
         buffered += lengths["ids"]
         while buffered >= shard_size:
@@ -68,7 +73,12 @@ def write_shards(
             buffered -= shard_size
     if buffered:
         flush(buffered)
-    manifest = dict(metadata, shards=shards, num_examples=sum(len(s["ids"]) for s in shards))
+    manifest = dict(
+        metadata,
+        fields=list(fields),
+        shards=shards,
+        num_examples=sum(len(s["ids"]) for s in shards),
+    )
     atomic_write(
         directory / MANIFEST, lambda file: file.write(json.dumps(manifest, indent=1).encode())
     )
@@ -86,6 +96,7 @@ class EmbeddingShards:
                 f"{self.directory} has no {MANIFEST}: the embedding run did not finish"
             )
         self.manifest = json.loads(manifest_path.read_text())
+        self.fields = tuple(self.manifest.get("fields", FIELDS))
         self.ids = np.concatenate([np.asarray(s["ids"], np.int64) for s in self.manifest["shards"]])
         self._starts = np.cumsum([0] + [len(s["ids"]) for s in self.manifest["shards"]])
         self._cache: tuple[int, dict[str, np.ndarray]] | None = None
@@ -98,9 +109,9 @@ class EmbeddingShards:
         entry = self.manifest["shards"][number]
         path = self.directory / entry["file"]
         with np.load(path, allow_pickle=False) as data:
-            arrays = {field: data[field] for field in FIELDS}
+            arrays = {field: data[field] for field in self.fields}
         expected = np.asarray(entry["ids"], np.int64)
-        for field in FIELDS:
+        for field in self.fields:
             if len(arrays[field]) != len(expected):
                 raise ShardMismatchError(
                     f"{path}: {field} has {len(arrays[field])} rows, the manifest lists "
@@ -122,12 +133,12 @@ class EmbeddingShards:
         number = int(np.searchsorted(self._starts, index, side="right") - 1)
         arrays = self._load(number)
         row = index - self._starts[number]
-        return {field: arrays[field][row] for field in FIELDS}
+        return {field: arrays[field][row] for field in self.fields}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every field of every example, concatenated in order (checked shard by shard)."""
         parts = [self._load(number) for number in range(len(self.manifest["shards"]))]
-        return {field: np.concatenate([part[field] for part in parts]) for field in FIELDS}
+        return {field: np.concatenate([part[field] for part in parts]) for field in self.fields}
 
     def check_aligned(self, dataset_ids: np.ndarray) -> None:
         """Refuse shards whose examples are not the dataset's, in the dataset's order."""

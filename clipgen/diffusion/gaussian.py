@@ -129,6 +129,14 @@ class Diffusion:
             - take_coefficient(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
         )
 
+    def x0_from_prediction(self, prediction: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
+        """The x0 a prediction of this process's parameterisation stands for."""
+        if self.prediction == "eps":
+            return self.x0_from_eps(x_t, t, prediction)
+        if self.prediction == "x0":
+            return prediction
+        return self.x0_from_v(x_t, t, prediction)
+
     def target(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         """What the model is trained to predict under this process's parameterisation."""
         if self.prediction == "eps":
@@ -186,13 +194,7 @@ class Diffusion:
                 self.posterior_log_variance_clipped, t, x_t
             ) * jnp.ones_like(x_t)
 
-        if self.prediction == "eps":
-            pred_x0 = self.x0_from_eps(x_t, t, prediction)
-        elif self.prediction == "x0":
-            pred_x0 = prediction
-        else:
-            pred_x0 = self.x0_from_v(x_t, t, prediction)
-        pred_x0 = threshold_x0(pred_x0, clip, dynamic_threshold)
+        pred_x0 = threshold_x0(self.x0_from_prediction(prediction, x_t, t), clip, dynamic_threshold)
         pred_eps = self.eps_from_x0(x_t, t, pred_x0)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return MeanVariance(mean, variance, log_variance, pred_x0, pred_eps)
@@ -218,16 +220,20 @@ class Diffusion:
         t: jax.Array,
         noise: jax.Array,
         vlb_weight: float = 1e-3,
+        with_x0: bool = False,
     ) -> dict[str, jax.Array]:
         """Per-example losses: the MSE on the prediction, and for a learned-range model the
         hybrid loss MSE + vlb_weight * T * L_t (improved-diffusion's L_hybrid, lambda = 1e-3),
         where L_t sees the mean only through a stop-gradient so it trains just the variance.
+        With `with_x0`, also the model's x0 estimate ("pred_x0"), for losses on it.
         """
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, self.model_timesteps(t))
         prediction, variance_values = self.split_output(output, x_t)
         mse = _mean_flat(jnp.square(self.target(x0, noise, t) - prediction))
         losses = {"mse": mse}
+        if with_x0:
+            losses["pred_x0"] = self.x0_from_prediction(prediction, x_t, t)
         if self.variance == "learned_range":
             frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), variance_values], -1)
             vb = self.vlb_term(frozen, x0, x_t, t)

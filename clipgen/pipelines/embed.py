@@ -1,6 +1,8 @@
-"""Embedding a shapes split with a trained CLIP: image and text embeddings and the text
-tower's token encodings, written once as shards (clipgen.data.embeddings) for the stages
-that train on them. `clipgen embed` runs `run`; `clipgen train` and the demo call
+"""Embedding shapes-world data with a trained CLIP, written once as shards
+(clipgen.data.embeddings) for the stages that train on them: a split's image and text
+embeddings and the text tower's token encodings (`run`; `clipgen embed`), or a pOps
+operator's input and target image embeddings (and an instruction's token states and its
+target caption's embedding: `run_operator`). `clipgen train` and the demo call
 `ensure_embeddings` before a stage that reads shards, so missing ones are made first."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clipgen import build, stages
-from clipgen.data import embeddings, pipeline
+from clipgen.data import embeddings, operator_data, pipeline, preprocess, shapes
 from clipgen.models.clip import CLIP
 
 
@@ -63,6 +65,81 @@ def run(
     return directory
 
 
+OPERATOR_FIELDS = ("ids", "inputs", "target")
+INSTRUCTION_FIELDS = ("text_tokens", "text_mask", "target_text")
+INSTRUCTION_TOKENS = 8  # an instruction's token slots: start, its word's tokens, end
+
+
+def run_operator(
+    clip_run: str | Path,
+    out: str | Path,
+    operator: str,
+    split: str = "test",
+    num_examples: int = 1000,
+    seed: int = 0,
+    batch_size: int = 250,
+    shard_size: int = 1000,
+    default_config: Callable[[], ml_collections.ConfigDict] | None = None,
+) -> Path:
+    """Embed the first `num_examples` shapes-world examples of a pOps `operator` on `split`
+    (clipgen.data.operator_data) with the CLIP trained in `clip_run`: `inputs` (N, D) and
+    `target` (D,) image embeddings; for instruct also the word's token states and mask
+    and the CLIP text embedding of the target's caption."""
+    trained = build.restore(clip_run, default_config)
+    config = trained.config
+    clip = build.clip_model(config, trained.params)
+    module, tokenizer, params = clip.module, clip.tokenizer, clip.params
+    size, resolution = config.data.resolution, config.model.vision.image_size
+    encode_images = jax.jit(
+        lambda pixels: module.apply({"params": params}, pixels, method=CLIP.encode_image)
+    )
+    encode_text = jax.jit(
+        lambda ids, mask: (
+            module.apply({"params": params}, ids, mask, method=CLIP.text_hidden),
+            module.apply({"params": params}, ids, mask, method=CLIP.encode_text),
+        )
+    )
+
+    def images(pictures: list) -> np.ndarray:
+        return np.asarray(encode_images(preprocess.clip_preprocess(pictures, resolution)))
+
+    def batches():
+        for start in tqdm(range(0, num_examples, batch_size), desc=f"embed {operator} {split}"):
+            indices = range(start, min(start + batch_size, num_examples))
+            examples = [operator_data.example(operator, split, i, seed) for i in indices]
+            count = len(examples[0].inputs)
+            pictures = [operator_data.render_input(x, size) for e in examples for x in e.inputs]
+            batch = {
+                "ids": np.asarray(indices),
+                "inputs": images(pictures).reshape(len(examples), count, -1),
+                "target": images([shapes.render(e.target, size) for e in examples]),
+            }
+            if operator == "instruct":
+                ids, mask = tokenizer.encode([e.word for e in examples])
+                if mask[:, INSTRUCTION_TOKENS:].any():
+                    raise ValueError(f"an instruction is over {INSTRUCTION_TOKENS} tokens")
+                tokens, _ = jax.device_get(encode_text(ids, mask))
+                tokens, mask = tokens[:, :INSTRUCTION_TOKENS], mask[:, :INSTRUCTION_TOKENS]
+                target_ids, target_mask = tokenizer.encode(
+                    [shapes.caption(e.target) for e in examples]
+                )
+                _, target_text = jax.device_get(encode_text(target_ids, target_mask))
+                batch.update(text_tokens=tokens, text_mask=mask, target_text=target_text)
+            yield batch
+
+    fields = OPERATOR_FIELDS + (INSTRUCTION_FIELDS if operator == "instruct" else ())
+    metadata = {
+        "operator": operator,
+        "split": split,
+        "seed": seed,
+        "clip_workdir": str(clip_run),
+        "clip_step": trained.step,
+    }
+    directory = embeddings.write_shards(out, batches(), shard_size, metadata, fields)
+    logging.info("wrote %d %s examples of %s to %s", num_examples, operator, split, directory)
+    return directory
+
+
 def ensure_embeddings(config: ml_collections.ConfigDict) -> None:
     """Write the embedding shards a stage reading them lacks (the splits of
     `config.data.num_examples` under `config.data.embeddings`) with the CLIP run in
@@ -82,4 +159,15 @@ def ensure_embeddings(config: ml_collections.ConfigDict) -> None:
             )
         logging.info("embedding the %s split with the CLIP in %s", split, data.clip_workdir)
         clip_preset = functools.partial(stages.get("clip").config, data.clip_preset)
-        run(data.clip_workdir, directory, split, int(count), default_config=clip_preset)
+        if "operator" in data:
+            run_operator(
+                data.clip_workdir,
+                directory,
+                data.operator,
+                split,
+                int(count),
+                seed=data.seed,
+                default_config=clip_preset,
+            )
+        else:
+            run(data.clip_workdir, directory, split, int(count), default_config=clip_preset)

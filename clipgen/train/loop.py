@@ -42,6 +42,11 @@ class Stage:
         batches, starting at batch number `first_batch` (this is how a run resumes).
     batch_spec(global_batch_size) -> the global batch as ShapeDtypeStructs.
     preview(state) -> images to write ({name: uint8 NHWC}).
+    pretrained() -> the parameters to start from (host arrays, the tree init_params makes,
+        unboxed), put onto the state's shardings; init_params then only gives their shapes
+        and logical axis names (fine-tuning: a converted prior, an operator's adapters).
+    frozen: regular expressions over "/"-joined parameter paths the stage never trains,
+        beside config.optim.frozen (LoRA's base, the blocks an operator leaves alone).
     """
 
     name: str
@@ -50,6 +55,8 @@ class Stage:
     batches: Callable[[int, int], Iterator[Batch]]
     batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]]
     preview: Callable[[state_lib.TrainState], dict[str, np.ndarray]] | None = None
+    pretrained: Callable[[], Any] | None = None
+    frozen: tuple[str, ...] = ()
 
 
 class NonFiniteError(RuntimeError):
@@ -180,12 +187,13 @@ def prepare(
     parallel.initialize_distributed(config)
     mesh = parallel.make_mesh(dict(config.mesh), devices)
     rules = parallel.logical_rules(config)
-    tx = state_lib.make_optimizer(config.optim)
+    tx = state_lib.make_optimizer(config.optim, extra_frozen=stage.frozen)
     ema_decays = tuple(config.optim.ema_decays)
 
-    def init_state(seed):
+    def init_state(seed, params=None):
         init_rng, state_rng = jax.random.split(jax.random.key(seed))
-        return state_lib.create_state(stage.init_params(init_rng), tx, ema_decays, state_rng)
+        params = stage.init_params(init_rng) if params is None else params
+        return state_lib.create_state(params, tx, ema_decays, state_rng)
 
     with nn.logical_axis_rules(rules):
         abstract_state, state_shardings = parallel.abstract_sharded(
@@ -193,7 +201,10 @@ def prepare(
         )
 
     def make_state() -> state_lib.TrainState:
-        return parallel.init_onto(init_state, mesh, rules, state_shardings, config.seed)
+        if stage.pretrained is None:
+            return parallel.init_onto(init_state, mesh, rules, state_shardings, config.seed)
+        params = parallel.put_host_tree(stage.pretrained(), state_shardings.params)
+        return parallel.init_onto(init_state, mesh, rules, state_shardings, config.seed, params)
 
     schedule = state_lib.learning_rate_schedule(config.optim)
     start = time.perf_counter()

@@ -75,12 +75,15 @@ def frozen_labels(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
     return labels
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, extra_frozen: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay on kernels (arrays of rank >= 2) only, after
-    global-norm gradient clipping. Parameters matching `optim.frozen` (regular expressions
-    over "/"-joined paths) are never updated: data statistics stored as parameters, or the
-    parts of a model that fine-tuning leaves alone."""
-    frozen = tuple(optim.get("frozen", ()))
+    global-norm gradient clipping. Parameters matching `optim.frozen` or `extra_frozen`
+    (regular expressions over "/"-joined paths) are never updated and keep no optimizer
+    state: data statistics stored as parameters, or the parts of a model that fine-tuning
+    leaves alone."""
+    frozen = (*optim.get("frozen", ()), *extra_frozen)
     if frozen:
         trained = make_optimizer(ml_collections.ConfigDict(dict(optim.to_dict(), frozen=())))
         return optax.multi_transform(

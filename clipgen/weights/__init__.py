@@ -2,7 +2,7 @@
 
 from clipgen.weights.clip import clip_config_from_hf, load_clip, load_openai_clip
 from clipgen.weights.inception import load_inception
-from clipgen.weights.prior import load_prior
+from clipgen.weights.prior import load_prior, load_prior_state_dict
 from clipgen.weights.unet import load_unet
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "load_inception",
     "load_openai_clip",
     "load_prior",
+    "load_prior_state_dict",
     "load_unet",
 ]

@@ -102,6 +102,32 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def read_torch_state_dict(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """A flat state dict saved with `torch.save`, as numpy arrays, read with
+    `weights_only=True` (tensors only: no code is unpickled); anything but a dict of tensors
+    is refused, naming `what` was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    import pickle
+
+    import torch  # only this path needs torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds more than tensors and was refused (clipgen never unpickles "
+            f"objects; expected {what}): {str(error).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a flat state dict of tensors (expected {what})")
+    return {
+        key: (value.float() if value.dtype == torch.bfloat16 else value).detach().cpu().numpy()
+        for key, value in state.items()
+    }
+
+
 def listing(items: list[str]) -> str:
     """At most 20 items, comma-separated, with the count when there are more."""
     shown = ", ".join(items[:_MAX_LISTED])

@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from clipgen.data.files import atomic_write
 from clipgen.models.inception import FIDInception, init_inception
-from clipgen.weights.convert import Rule, fill_params, read_safetensors
+from clipgen.weights.convert import Rule, fill_params, read_safetensors, read_torch_state_dict
 
 _BN_NAMES = {
     "bn.weight": "scale",
@@ -68,17 +68,9 @@ def read_inception_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Inception checkpoint at {path}")
-    import torch  # only this path needs torch
-
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(
-            f"{path} is not a flat state dict of tensors (expected pytorch-fid's or "
-            "torch-fidelity's pt_inception-2015-12-05 weights)"
-        )
-    return {key: value.detach().cpu().numpy() for key, value in state.items()}
+    return read_torch_state_dict(
+        path, "pytorch-fid's or torch-fidelity's pt_inception-2015-12-05 weights"
+    )
 
 
 def _fill(module: FIDInception, tensors: dict[str, np.ndarray], source: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from clipgen.models.prior import (
@@ -21,7 +22,14 @@ from clipgen.models.prior import (
     init_prior,
     prior_config_from_diffusers,
 )
-from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
+from clipgen.weights.convert import (
+    Rule,
+    fill_params,
+    linear_rules,
+    norm_rules,
+    read_safetensors,
+    read_torch_state_dict,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -107,8 +115,27 @@ def load_prior(
         )
     module = PriorTransformer(prior_config_from_diffusers(config), dtype=dtype)
     tensors, source = _read_weights(path)
+    return module, _fill(module, tensors, source)
+
+
+def load_prior_state_dict(
+    path: str | Path, module: PriorTransformer, base_params: dict[str, Any]
+) -> dict[str, Any]:
+    """{"params": ...} of `module` from a `PriorTransformer` state dict saved with
+    `torch.save`, such as pOps' `learned_prior.pth` (its operators' weights, saved without
+    `clip_mean` and `clip_std`: those come from `base_params`, the variables or params of
+    the prior it was fine-tuned from). Read with `weights_only=True`; a file holding
+    anything but tensors is refused."""
+    tensors = read_torch_state_dict(path, "a PriorTransformer state dict (pOps' learned_prior.pth)")
+    base = base_params.get("params", base_params)
+    for name in ("clip_mean", "clip_std"):
+        tensors.setdefault(name, np.asarray(base[name]).reshape(1, -1))
+    return _fill(module, tensors, str(path))
+
+
+def _fill(module: PriorTransformer, tensors: dict[str, Any], source: str) -> dict[str, Any]:
     abstract = jax.eval_shape(lambda rng: nn.meta.unbox(init_prior(module, rng)), jax.random.key(0))
-    params = fill_params(
+    return fill_params(
         abstract["params"],
         _diffusers_rules(module.config),
         tensors,
@@ -116,4 +143,3 @@ def load_prior(
         source,
         f"PriorTransformer({module.config})",
     )
-    return module, params
