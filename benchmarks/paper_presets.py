@@ -1,6 +1,7 @@
 """The paper-scale presets, checked without training: parameter counts against unCLIP's
-Table 3, and each train step lowered (`jax.jit(...).lower`) on a mesh of fake CPU devices
-with FSDP, with the parameter bytes every device holds.
+Table 3 (and Kandinsky 2.2's 1B prior for the pOps operator), and each train step lowered
+(`jax.jit(...).lower`) on a mesh of fake CPU devices with FSDP, with the parameter and
+optimizer-state bytes every device holds (the operator also with LoRA adapters).
 
   python benchmarks/paper_presets.py [--devices=64] [--fsdp=8]
 
@@ -16,12 +17,14 @@ import os
 import sys
 import time
 
-# (config file, preset, Table 3's parameter count)
+# (config file, preset, the paper's parameter count, config overrides)
 PRESETS = (
-    ("prior", "paper", 1.0e9),
-    ("decoder", "paper", 3.5e9),
-    ("upsampler", "paper", 700e6),
-    ("upsampler", "second_paper", 300e6),
+    ("prior", "paper", 1.0e9, {}),
+    ("decoder", "paper", 3.5e9, {}),
+    ("upsampler", "paper", 700e6, {}),
+    ("upsampler", "second_paper", 300e6, {}),
+    ("operator", "paper,union", 1.0e9, {}),
+    ("operator", "paper,union", 1.0e9, {"lora.rank": 16}),
 )
 
 
@@ -39,8 +42,11 @@ def main(argv: list[str]) -> list[dict]:
     from clipgen.train import loop
 
     results = []
-    for stage_name, preset, paper_count in PRESETS:
+    for stage_name, preset, paper_count, overrides in PRESETS:
         config = config_lib.load_preset(stage_name, preset)
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            config[section][field] = value
         if "embeddings" in config.data:
             config.data.embeddings = "synthetic"  # the step's shapes only; no data is read
             config.data.num_examples = dict(train=8)
@@ -50,16 +56,14 @@ def main(argv: list[str]) -> list[dict]:
         run = loop.prepare(config, stage, compile_step=False)
         seconds = time.perf_counter() - start
         params = run.abstract_state.params
-        shardings = run.state_shardings.params
         count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-        per_device = sum(
-            math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-            for leaf, sharding in zip(
-                jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True
-            )
-        )
+        if stage_name == "operator" and config.lora.rank:
+            count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params["base"]))
+        per_device = _bytes_per_device(params, run.state_shardings.params)
+        optimizer = _bytes_per_device(run.abstract_state.opt_state, run.state_shardings.opt_state)
         result = {
             "config": f"configs/{stage_name}.py:{preset}",
+            "overrides": overrides,
             "parameters": count,
             "paper_parameters": paper_count,
             "ratio_to_paper": round(count / paper_count, 3),
@@ -67,12 +71,24 @@ def main(argv: list[str]) -> list[dict]:
             "global_batch": int(config.batch_size),
             "param_bytes_per_device": per_device,
             "param_gib_per_device": round(per_device / 2**30, 3),
+            "optimizer_bytes_per_device": optimizer,
+            "optimizer_gib_per_device": round(optimizer / 2**30, 3),
             "lowered": True,
             "lower_s": round(seconds, 2),
         }
         print(json.dumps(result), flush=True)
         results.append(result)
     return results
+
+
+def _bytes_per_device(tree, shardings) -> int:
+    """What one device holds of `tree` (ShapeDtypeStructs) under `shardings`."""
+    import jax
+
+    return sum(
+        math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ scene, instruct, with pOps' drops and guidance (clipgen.operators.OPERATORS). Pr
   tiny   a few steps on a tiny random prior (init.prior = "random"), for tests;
   demo   from the demo cascade's prior (workdir/demo/prior), on shapes-world operator data
          embedded with the demo CLIP;
+  bench  the prior's benchmark size (width 512, 6 layers, 77 tokens, 512-d) on synthetic
+         union data, batch 32, from a random prior: benchmarks/operator_step.py;
   paper  the Kandinsky 2.2 prior's size (20 layers x 2048, 1280-d, 77 tokens; 1B
          parameters) as pOps fine-tunes it: AdamW 1e-5 constant, betas (0.9, 0.999), no
          weight decay, clip 1.0, FSDP; `init.prior` a converted Kandinsky 2.2 prior
@@ -26,6 +28,7 @@ def get_config(arg: str | None = None):
             f"configs/operator.py: unknown operator {operator!r} ({', '.join(operators.OPERATORS)})"
         )
     config = config_lib.load_preset("prior", "demo" if preset == "tiny" else preset)
+    synthetic = preset in ("tiny", "bench")
     config.stage = "operator"
     config.operator = dataclasses.asdict(operators.OPERATORS[operator])
 
@@ -81,14 +84,18 @@ def get_config(arg: str | None = None):
     config.eval_every = 0
     config.checkpoint.every = 250
 
-    if preset == "tiny":
-        config.model = config_lib.load_preset("prior", "tiny").model
+    if synthetic:
         config.init.prior = "random"
         config.data.embeddings = "synthetic"
+        config.data.num_examples = dict(train=256, test=16, heldout=16)
+    if preset == "tiny":
+        config.model = config_lib.load_preset("prior", "tiny").model
         config.data.num_examples = dict(train=64, test=16, heldout=16)
         config.sample.respacing = "4"
         config.evals.retrieval.update(num_examples=16, batch_size=16)
         config_lib.tiny_loop(config, batch_size=16)
+    elif preset == "bench":
+        config.batch_size = 32
     elif preset == "paper":
         config.model.update(
             heads=32, head_dim=64, layers=20, embedding_dim=1280, text_token_dim=1280
@@ -108,5 +115,7 @@ def get_config(arg: str | None = None):
         config.mesh = dict(data=-1, fsdp=8, tensor=1)
         config.checkpoint.every = 5000
     elif preset != "demo":
-        raise ValueError(f"configs/operator.py: unknown preset {preset!r} (tiny, demo, paper)")
+        raise ValueError(
+            f"configs/operator.py: unknown preset {preset!r} (tiny, demo, bench, paper)"
+        )
     return config

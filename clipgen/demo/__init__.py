@@ -32,6 +32,7 @@ from clipgen import images, stages, train
 from clipgen.data import shapes, shapes_tfds
 from clipgen.data.files import atomic_write
 from clipgen.data.pipeline import ProceduralShapes
+from clipgen.demo import operators as demo_operators
 from clipgen.eval import oracle, registry
 from clipgen.pipelines import embed
 from clipgen.stages import StageSpec
@@ -196,6 +197,10 @@ def run(
     grids_started = time.perf_counter()
     report["grids"] = _draw_grids(workdir, preset)
     report["minutes"]["grids"] = _minutes_since(grids_started)
+    operators_started = time.perf_counter()
+    report["operators"] = demo_operators.run(workdir, preset, configs["prior"])
+    report["grids"]["operators.png"] = report["operators"].pop("grid")
+    report["minutes"]["operators"] = _minutes_since(operators_started)
     report["minutes"]["total"] = _minutes_since(started)
     report["versions"] = _versions()
     encoded = json.dumps(report, indent=2).encode()
