@@ -31,6 +31,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
 )
 
+TPU_COORDINATOR_PORT = 8476  # JAX's coordinator port on TPU pods (JAX_COORDINATOR_PORT wins)
 _distributed_initialized = False
 
 
@@ -38,9 +39,11 @@ def initialize_distributed(config: ml_collections.ConfigDict | None = None) -> b
     """Start multi-host JAX once, before anything touches a device; returns whether it did.
 
     Explicit settings win (`config.distributed.coordinator_address`, `num_processes`,
-    `process_id`, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); otherwise a
-    Cloud TPU pod slice or a SLURM job with more than one task is detected and JAX's own
-    cluster detection fills in the rest. A single host does nothing.
+    `process_id`, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); then a pod
+    slice's worker environment (TPU_WORKER_HOSTNAMES and TPU_WORKER_ID: the first worker
+    coordinates, as JAX's own TPU cluster does); otherwise a Cloud TPU pod slice or a SLURM
+    job with more than one task is detected and JAX's own cluster detection fills in the
+    rest. A single host does nothing.
     """
     global _distributed_initialized
     if _distributed_initialized:
@@ -51,6 +54,12 @@ def initialize_distributed(config: ml_collections.ConfigDict | None = None) -> b
     process_id = settings.get("process_id")
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    single_slice = os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") is None
+    if not address and len(hosts) > 1 and "TPU_WORKER_ID" in os.environ and single_slice:
+        port = os.environ.get("JAX_COORDINATOR_PORT", TPU_COORDINATOR_PORT)
+        address = f"{hosts[0]}:{port}"
+        num_processes, process_id = len(hosts), int(os.environ["TPU_WORKER_ID"])
     kwargs: dict[str, Any] = {}
     if address:
         if num_processes is None or process_id is None:
