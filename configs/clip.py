@@ -20,6 +20,9 @@ def get_config(arg: str | None = None):
         image_size=32, patch_size=4, width=128, layers=4, heads=4, mlp_dim=512, act="gelu"
     )
     config.model.text = dict(width=128, layers=4, heads=4, mlp_dim=512, act="gelu")
+    # procedural (the shapes world), tfds:DATA_DIR[:NAME], folder:DIR or wds:DIR (tar
+    # shards): clipgen.data.sources
+    config.data.source = "procedural"
     config.data.tokenizer = "shapes"
     config.data.num_merges = 200
     config.data.context_length = 24

@@ -56,6 +56,7 @@ def get_config(arg: str | None = None):
     config.data.clip_workdir = "workdir/demo/clip"
     config.data.clip_preset = "demo"
     config.data.num_examples = dict(train=20000, test=500, heldout=500)
+    config.data.source = "procedural"  # the images beside the embeddings: data.sources
     config.data.resolution = 16
     config.data.seed = 0
     config.data.drop_image = 0.1

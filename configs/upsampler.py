@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     )
     config.sample = dict(respacing="ddim27", method="ddim", eta=0.0)
 
+    config.data.source = "procedural"  # or tfds:, folder:, wds: (clipgen.data.sources)
     config.data.resolution = 32
     config.data.scale = 2
     config.data.crop = 16

@@ -86,8 +86,11 @@ def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """Captioned shapes-world scenes at one or more resolutions, with train/test/heldout splits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Examples stored in id order, so that example i of a split is its i-th record.",
+    }
     BUILDER_CONFIGS = list(BUILDER_CONFIGS_BY_NAME.values())
     DEFAULT_CONFIG_NAME = "small"
 
@@ -114,6 +117,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description="Procedural scenes of coloured shapes with captions (clipgen).",
             features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:

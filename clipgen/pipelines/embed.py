@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clipgen import build, stages
-from clipgen.data import embeddings, operator_data, pipeline, preprocess, shapes
+from clipgen.data import embeddings, operator_data, preprocess, shapes, sources
 from clipgen.models.clip import CLIP
 
 
@@ -39,7 +39,9 @@ def run(
     clip = build.clip_model(config, trained.params)
     module, tokenizer = clip.module, clip.tokenizer
     resolution = config.model.vision.image_size
-    source = pipeline.ProceduralShapes((config.data.resolution,), split, config.data.seed)
+    source = sources.open_source(
+        config.data.get("source", "procedural"), (config.data.resolution,), split, config.data.seed
+    )
     image_key = f"image_{config.data.resolution}"
 
     @jax.jit

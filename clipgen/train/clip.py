@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from clipgen import build
-from clipgen.data import pipeline
+from clipgen.data import pipeline, sources
 from clipgen.models.clip import init_clip
 from clipgen.train.loop import Stage
 
@@ -44,7 +44,12 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     model = build.clip_module(config, tokenizer)
     resolution = config.model.vision.image_size
     key = f"image_{config.data.resolution}"
-    train_source = pipeline.ProceduralShapes((config.data.resolution,), "train", config.data.seed)
+    train_source = sources.open_source(
+        config.data.get("source", "procedural"),
+        (config.data.resolution,),
+        "train",
+        config.data.seed,
+    )
 
     def to_arrays(examples):
         return build.clip_inputs(examples, tokenizer, key, resolution)

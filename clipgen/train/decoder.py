@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from clipgen import build, sampling
-from clipgen.data import embeddings, pipeline
+from clipgen.data import embeddings, pipeline, sources
 from clipgen.data.preprocess import to_unit_range
 from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.decoder import Decoder, init_decoder
@@ -70,7 +70,9 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
         train = embeddings.load_split(embeddings.embedding_dir(config.data, "train"), True)
     module = build.module(config)
     resolution, seed = config.data.resolution, config.data.seed
-    train_source = pipeline.ProceduralShapes((resolution,), "train", seed)
+    train_source = sources.open_source(
+        config.data.get("source", "procedural"), (resolution,), "train", seed
+    )
     rows = embeddings.ArraySource(train)
     glide_text = module.config.text_transformer is not None
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from clipgen import build, sampling
-from clipgen.data import degrade, pipeline
+from clipgen.data import degrade, pipeline, sources
 from clipgen.data.preprocess import to_unit_range
 from clipgen.models.upsampler import init_upsampler, to_target
 from clipgen.train.loop import Stage
@@ -49,7 +49,9 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     data = config.data
     size, scale, crop = data.resolution, data.scale, data.crop
     low_size = size // scale
-    train_source = pipeline.ProceduralShapes((size,), "train", data.seed)
+    train_source = sources.open_source(
+        data.get("source", "procedural"), (size,), "train", data.seed
+    )
     key = f"image_{size}"
 
     def to_batch(examples: list[dict]) -> dict[str, np.ndarray]:
