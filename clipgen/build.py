@@ -85,6 +85,8 @@ def clip_module(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> CLIP
         ),
         projection_dim=model.projection_dim,
         dtype=jnp.dtype(model.dtype),
+        scan_layers=model.get("scan", False),
+        remat=model.get("remat", False),
     )
 
 
@@ -103,7 +105,12 @@ def prior_module(config: ml_collections.ConfigDict) -> PriorTransformer:
         added_emb_type="prd",
         encoder_hid_proj_type="linear",
     )
-    return PriorTransformer(prior_config, dtype=jnp.dtype(model.dtype))
+    return PriorTransformer(
+        prior_config,
+        dtype=jnp.dtype(model.dtype),
+        scan_layers=model.get("scan", False),
+        remat=model.get("remat", False),
+    )
 
 
 def ar_prior_module(config: ml_collections.ConfigDict) -> ARPrior:
@@ -122,6 +129,8 @@ def ar_prior_module(config: ml_collections.ConfigDict) -> ARPrior:
             text_token_dim=model.text_token_dim,
         ),
         dtype=jnp.dtype(model.dtype),
+        scan_layers=model.get("scan", False),
+        remat=model.get("remat", False),
     )
 
 

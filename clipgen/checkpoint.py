@@ -199,7 +199,7 @@ def check_compatible(
         differing += [
             f"{key}: checkpoint {old.get(key, '<absent>')!r} vs config {new.get(key, '<absent>')!r}"
             for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)
+            if old.get(key) != new.get(key) and not _new_option_off(key, old, new)
         ]
     if differing:
         raise CheckpointMismatchError(
@@ -208,6 +208,12 @@ def check_compatible(
             + "; ".join(differing)
             + ". Use a fresh --workdir, or the config the checkpoint was trained with."
         )
+
+
+def _new_option_off(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A model option newer than the checkpoint, left off (False/None/0), changes nothing
+    it holds: such a key is not a difference."""
+    return key not in old and new.get(key) in (False, None, 0)
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:

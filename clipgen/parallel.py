@@ -29,6 +29,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
+    ("layers", None),  # the stacked axis of scanned blocks (clipgen.models.layers)
 )
 
 TPU_COORDINATOR_PORT = 8476  # JAX's coordinator port on TPU pods (JAX_COORDINATOR_PORT wins)

@@ -15,7 +15,8 @@ def get_config(arg: str | None = None):
     config = config_lib.load_preset("prior", preset)
     config.stage = "ar_prior"
     dims = {
-        key: config.model[key] for key in ("embedding_dim", "text_token_dim", "num_text_tokens")
+        key: config.model[key]
+        for key in ("embedding_dim", "text_token_dim", "num_text_tokens", "scan", "remat")
     }
     config.model = dict(
         width=128,

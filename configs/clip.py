@@ -15,6 +15,9 @@ def get_config(arg: str | None = None):
     config = config_lib.base_config()
     config.stage = "clip"
     config.model.dtype = "float32"
+    # Each tower's blocks as one nn.scan (compiles once for any depth); remat in backward.
+    config.model.scan = False
+    config.model.remat = False
     config.model.projection_dim = 64
     config.model.vision = dict(
         image_size=32, patch_size=4, width=128, layers=4, heads=4, mlp_dim=512, act="gelu"

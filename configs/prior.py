@@ -22,6 +22,9 @@ def get_config(arg: str | None = None):
     config.model.layers = 4
     config.model.dropout = 0.0
     config.model.dtype = "float32"
+    # The blocks as one nn.scan (compiles once for any depth) and recomputed in backward.
+    config.model.scan = False
+    config.model.remat = False
     config.model.embedding_dim = 64  # the CLIP's projection_dim
     config.model.text_token_dim = 128  # the CLIP text tower's width
     config.model.num_text_tokens = 24  # the CLIP's context length

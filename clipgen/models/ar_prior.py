@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from clipgen.models.clip import ResidualBlock
+from clipgen.models.layers import apply_layers, make_layers
 
 # The data statistics kept as parameters (the optimizer must leave them alone).
 STATISTICS = ("pca_mean", "pca_components", "code_low", "code_high", "dot_edges")
@@ -115,6 +116,8 @@ class ARPrior(nn.Module):
 
     config: ARPriorConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = False  # the blocks as one nn.scan (clipgen.models.layers)
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
@@ -145,18 +148,17 @@ class ARPrior(nn.Module):
             (length, cfg.width),
             jnp.float32,
         )
-        self.blocks = [
-            ResidualBlock(
-                cfg.width,
-                cfg.heads,
-                cfg.mlp_ratio * cfg.width,
-                "gelu",
-                cfg.layer_norm_eps,
-                self.dtype,
-                name=f"block_{i}",
-            )
-            for i in range(cfg.layers)
-        ]
+        kwargs = dict(
+            width=cfg.width,
+            heads=cfg.heads,
+            mlp_dim=cfg.mlp_ratio * cfg.width,
+            act="gelu",
+            layer_norm_eps=cfg.layer_norm_eps,
+            dtype=self.dtype,
+        )
+        self.blocks = make_layers(
+            ResidualBlock, cfg.layers, kwargs, scan=self.scan_layers, remat=self.remat
+        )
         self.final_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="final_norm")
         self.head = _dense(cfg.num_buckets, ("embed", "vocab"), "head", self.dtype)
 
@@ -180,8 +182,7 @@ class ARPrior(nn.Module):
             [text_mask > 0, jnp.ones((x.shape[0], length - cfg.num_text_tokens), bool)], 1
         )
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & keys[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, mask)
+        x = apply_layers(self.blocks, x, mask)
         x = self.final_norm(x[:, cfg.prefix_length - 1 :])
         return self.head(x).astype(jnp.float32)
 

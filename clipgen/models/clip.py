@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from clipgen.models.layers import dot_product_attention
+from clipgen.models.layers import apply_layers, dot_product_attention, make_layers
 
 # HF's `config.eos_token_id == 2` marks configs written before transformers PR #24773;
 # for those the text tower pools at argmax(input_ids), as OpenAI's CLIP does.
@@ -171,13 +171,17 @@ class ResidualBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _blocks(
-    count: int, width: int, heads: int, mlp_dim: int, act: str, eps: float, dtype: Any
-) -> list[ResidualBlock]:
-    return [
-        ResidualBlock(width, heads, mlp_dim, act, eps, dtype, name=f"block_{i}")
-        for i in range(count)
-    ]
+def _blocks(config: VisionConfig | TextConfig, dtype: Any, scan: bool, remat: bool):
+    """A tower's blocks (clipgen.models.layers.make_layers)."""
+    kwargs = dict(
+        width=config.width,
+        heads=config.heads,
+        mlp_dim=config.mlp_dim,
+        act=config.act,
+        layer_norm_eps=config.layer_norm_eps,
+        dtype=dtype,
+    )
+    return make_layers(ResidualBlock, config.layers, kwargs, scan=scan, remat=remat)
 
 
 class VisionTower(nn.Module):
@@ -185,6 +189,8 @@ class VisionTower(nn.Module):
 
     config: VisionConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
@@ -210,9 +216,7 @@ class VisionTower(nn.Module):
             (cfg.num_positions, cfg.width),
         )
         self.pre_norm = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_norm")
-        self.blocks = _blocks(
-            cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.layer_norm_eps, self.dtype
-        )
+        self.blocks = _blocks(cfg, self.dtype, self.scan_layers, self.remat)
         self.post_norm = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_norm")
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -230,8 +234,7 @@ class VisionTower(nn.Module):
         )
         x = jnp.concatenate([class_token, patches], axis=1) + self.position_embed.astype(self.dtype)
         x = self.pre_norm(x)
-        for block in self.blocks:
-            x = block(x)
+        x = apply_layers(self.blocks, x)
         return self.post_norm(x[:, 0])
 
 
@@ -240,6 +243,8 @@ class TextTower(nn.Module):
 
     config: TextConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
@@ -257,9 +262,7 @@ class TextTower(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
             (cfg.context_length, cfg.width),
         )
-        self.blocks = _blocks(
-            cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.layer_norm_eps, self.dtype
-        )
+        self.blocks = _blocks(cfg, self.dtype, self.scan_layers, self.remat)
         self.final_norm = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_norm")
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -273,8 +276,7 @@ class TextTower(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, mask)
+        x = apply_layers(self.blocks, x, mask)
         return self.final_norm(x)
 
     def pool(self, hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -299,17 +301,19 @@ class CLIP(nn.Module):
     projection_dim: int
     logit_scale_init: float = math.log(1 / 0.07)
     dtype: Any = jnp.float32
+    scan_layers: bool = False  # each tower's blocks as one nn.scan (clipgen.models.layers)
+    remat: bool = False
 
     def setup(self):
         if self.vision is None and self.text is None:
             raise ValueError("CLIP needs at least one of the vision and text configs")
         if self.vision is not None:
-            self.vision_tower = VisionTower(self.vision, self.dtype)
+            self.vision_tower = VisionTower(self.vision, self.dtype, self.scan_layers, self.remat)
             self.visual_projection = _dense(
                 self.projection_dim, ("embed", None), self.dtype, False, "visual_projection"
             )
         if self.text is not None:
-            self.text_tower = TextTower(self.text, self.dtype)
+            self.text_tower = TextTower(self.text, self.dtype, self.scan_layers, self.remat)
             self.text_projection = _dense(
                 self.projection_dim, ("embed", None), self.dtype, False, "text_projection"
             )

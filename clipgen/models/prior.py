@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from clipgen.models.layers import dot_product_attention, timestep_embedding
+from clipgen.models.layers import (
+    apply_layers,
+    dot_product_attention,
+    make_layers,
+    timestep_embedding,
+)
 
 # diffusers' additive attention bias for masked keys. Finite, so biases add up (a key both
 # padded and in the future gets twice it) and a row with every key masked still attends.
@@ -224,11 +229,15 @@ class PriorTransformer(nn.Module):
     `__call__(noisy_image_embed, timestep, text_embed, text_tokens, text_mask)` takes diffusers'
     `PriorTransformer.forward(hidden_states, timestep, proj_embedding, encoder_hidden_states,
     attention_mask)` inputs in that order and returns its `predicted_image_embedding`.
-    Parameters are float32; `dtype` is the compute precision.
+    Parameters are float32; `dtype` is the compute precision. `scan_layers` runs the blocks
+    as one `nn.scan` (params stacked under "blocks"; `layers.stack_layers` converts), `remat`
+    recomputes each block's activations in the backward pass.
     """
 
     config: PriorConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
@@ -256,10 +265,14 @@ class PriorTransformer(nn.Module):
             )
         if cfg.norm_in_type == "layer":
             self.input_norm = _layer_norm(self.dtype, "input_norm")
-        self.blocks = [
-            PriorBlock(width, cfg.num_attention_heads, cfg.dropout, self.dtype, name=f"block_{i}")
-            for i in range(cfg.num_layers)
-        ]
+        self.blocks = make_layers(
+            PriorBlock,
+            cfg.num_layers,
+            dict(width=width, heads=cfg.num_attention_heads, dropout=cfg.dropout, dtype=self.dtype),
+            scan=self.scan_layers,
+            remat=self.remat,
+            static_argnums=(3,),
+        )
         self.output_norm = _layer_norm(self.dtype, "output_norm")
         self.output_proj = _dense(cfg.clip_embed_dim, ("embed", None), self.dtype, "output_proj")
         self.clip_mean = self.param(
@@ -334,8 +347,7 @@ class PriorTransformer(nn.Module):
         bias = self._attention_bias(batch, length, text_count, text_mask)
         if cfg.norm_in_type == "layer":
             x = self.input_norm(x)
-        for block in self.blocks:
-            x = block(x, bias, deterministic)
+        x = apply_layers(self.blocks, x, bias, deterministic)
         x = self.output_norm(x)
         # The query is last; without one, the noisy embedding's token is.
         return self.output_proj(x[:, -1]).astype(jnp.float32)
