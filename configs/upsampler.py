@@ -7,6 +7,8 @@ Presets (`--config=configs/upsampler.py:<preset>`):
   demo, second_demo     the shapes-world cascade on one CPU: 16 -> 32 and 32 -> 64 px, on
                         16 px crops, both with the blur corruption, diffusing the residual
                         over the bicubic resize;
+  bench                 the benchmark shape: 64 -> 128 px on 64 px crops, base width 64,
+                        multipliers (1, 2, 3, 4), 2 blocks, batch 8, float32;
   paper, second_paper   64 -> 256 and 256 -> 1024 at the paper's sizes, on crops of a
                         quarter of the target size.
 """
@@ -74,6 +76,15 @@ def get_config(arg: str | None = None):
         config.sample.respacing = "ddim3"
         config.evals.psnr.update(num_examples=4, batch_size=4)
         config_lib.tiny_loop(config, batch_size=8, eval_every=4)
+    elif preset == "bench":
+        config.data.resolution = 128
+        config.data.crop = 64
+        config.model.unet.update(
+            channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2, norm_groups=32
+        )
+        config.batch_size = 8
+        config.eval_every = 0
+        config.preview_every = 0
     elif preset == "paper":
         config.data.scale = 4
         config.data.resolution = 1024 if second else 256
