@@ -31,6 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
+from train_step import matmul_peak_flops, step_times  # benchmarks/ is on sys.path
+
 GPU_PRESETS = (
     ("prior", "bench", {}),
     ("decoder", "bench", {}),
@@ -42,29 +44,12 @@ GPU_PRESETS = (
 CPU_PRESETS = (("prior", "tiny", {}),)  # the smoke mode exercises each record's code once
 
 
-def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` (size x size) matmuls in `dtype` on one device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    product = jax.jit(jnp.matmul)
-    product(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
-
-
 def train_step_record(name, preset, overrides, dtype, steps, warmup, peak) -> dict:
     """Figures of one preset's compiled train step in `dtype`."""
     import jax
 
     from clipgen import config as config_lib
-    from clipgen import parallel, train
+    from clipgen import train
     from clipgen.train import loop
 
     config = config_lib.load_preset(name, preset)
@@ -81,15 +66,7 @@ def train_step_record(name, preset, overrides, dtype, steps, warmup, peak) -> di
         config.data.num_examples = dict(train=max(int(config.batch_size), 8))
     stage = train.trainer(config.stage).make_stage(config)
     run = loop.prepare(config, stage)
-    state, batches, times = run.init_state(), stage.batches(0, config.batch_size), []
-    with jax.set_mesh(run.mesh):
-        for index in range(warmup + steps):
-            batch = parallel.global_batch(next(batches), run.mesh)
-            start = time.perf_counter()
-            state, metrics = run.step(state, batch)
-            jax.block_until_ready((state, metrics))
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+    times = step_times(run, stage, config.batch_size, steps, warmup)
     step = statistics.median(times)
     analysis = run.step.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
@@ -192,7 +169,6 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--steps", type=int, help="timed steps per preset (10; --cpu: 2)")
     args = parser.parse_args(argv)
     import jax
-    import jax.numpy as jnp
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,8 +179,8 @@ def main(argv: list[str]) -> list[dict]:
     presets, steps, captions = (
         (GPU_PRESETS, args.steps or 10, 64) if not args.cpu else (CPU_PRESETS, args.steps or 2, 4)
     )
-    peak_dtype = jnp.bfloat16 if accelerator else jnp.float32
-    peak = matmul_peak(peak_dtype, 8192 if accelerator else 1024)
+    peak_dtype = "bfloat16" if accelerator else "float32"
+    peak = matmul_peak_flops(8192 if accelerator else 1024, dtype=peak_dtype)
     records = [
         {
             "record": "machine",
@@ -214,7 +190,7 @@ def main(argv: list[str]) -> list[dict]:
             "jax": jax.__version__,
             "python": platform.python_version(),
             "matmul_peak_tflops": round(peak / 1e12, 2),
-            "matmul_dtype": jnp.dtype(peak_dtype).name,
+            "matmul_dtype": peak_dtype,
         }
     ]
     jobs = [

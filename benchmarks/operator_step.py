@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 
-from train_step import matmul_peak_flops, step_flops  # benchmarks/ is on sys.path
+from train_step import matmul_peak_flops, step_flops, step_times  # benchmarks/ on sys.path
 
 from clipgen import train
 from clipgen.cli import load_config
@@ -26,20 +26,11 @@ def clipgen_step(config, steps: int, warmup: int) -> tuple[float, float, float]:
     """(median step seconds, compile seconds, FLOPs) of clipgen's operator step."""
     import jax
 
-    from clipgen import parallel
     from clipgen.train import loop
 
     stage = train.trainer("operator").make_stage(config)
     run = loop.prepare(config, stage, jax.devices()[:1])
-    state, batches, times = run.init_state(), stage.batches(0, config.batch_size), []
-    with jax.set_mesh(run.mesh):
-        for index in range(warmup + steps):
-            batch = parallel.global_batch(next(batches), run.mesh)
-            start = time.perf_counter()
-            state, metrics = run.step(state, batch)
-            jax.block_until_ready((state, metrics))
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+    times = step_times(run, stage, config.batch_size, steps, warmup)
     return statistics.median(times), run.compile_seconds, step_flops(run.step)
 
 

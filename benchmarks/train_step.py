@@ -21,15 +21,14 @@ from clipgen import train
 from clipgen.cli import load_config
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """The best of `repeats` f32 (size x size) @ (size x size) products, in FLOP/s, on one
-    device."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """The best of `repeats` (size x size) @ (size x size) products in `dtype`, in FLOP/s,
+    on one device."""
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    product = jax.jit(jnp.matmul)
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    product = jax.jit(jax.numpy.matmul)
     product(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -46,6 +45,25 @@ def step_flops(compiled) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
+def step_times(run, stage, batch_size: int, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` compiled train steps (`loop.prepare`'s run) after
+    `warmup` untimed ones, from a fresh state."""
+    import jax
+
+    from clipgen import parallel
+
+    state, batches, times = run.init_state(), stage.batches(0, batch_size), []
+    with jax.set_mesh(run.mesh):
+        for index in range(warmup + steps):
+            batch = parallel.global_batch(next(batches), run.mesh)
+            start = time.perf_counter()
+            state, metrics = run.step(state, batch)
+            jax.block_until_ready((state, metrics))
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -55,22 +73,11 @@ def main(argv: list[str]) -> dict:
 
     import jax
 
-    from clipgen import parallel
     from clipgen.train import loop
 
     stage = train.trainer(config.stage).make_stage(config)
     run = loop.prepare(config, stage)
-    state = run.init_state()
-    batches = stage.batches(0, config.batch_size)
-    times = []
-    with jax.set_mesh(run.mesh):
-        for index in range(args.warmup + args.steps):
-            batch = parallel.global_batch(next(batches), run.mesh)
-            start = time.perf_counter()
-            state, metrics = run.step(state, batch)
-            jax.block_until_ready((state, metrics))
-            if index >= args.warmup:
-                times.append(time.perf_counter() - start)
+    times = step_times(run, stage, config.batch_size, args.steps, args.warmup)
     median = statistics.median(times)
     flops = step_flops(run.step)
     peak = matmul_peak_flops()
