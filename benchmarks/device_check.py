@@ -8,7 +8,8 @@ Without --cpu (on a GPU or TPU): the prior, decoder and upsampler `bench` preset
 decoder at paper width (configs/decoder.py:paper, batch 64), each in both dtypes; then the
 demo cascade (random weights) drawing 64 captions. With --cpu (any machine, so that the
 script cannot rot): the prior's `tiny` preset, 2 timed steps, 4 captions of the tiny
-cascade, and no device memory statistics. Imports nothing of TensorFlow, tensorflow-datasets or clu.
+cascade, and no device memory statistics. Imports nothing of TensorFlow,
+tensorflow-datasets or clu.
 
 Each line is one record. "machine": the device and the matmul peak. "train_step": preset,
 dtype, devices, platform, global_batch, compile_s, step_s (median), examples_per_s,
