@@ -98,3 +98,22 @@ def test_step_timer_leaves_out_the_first_step_and_sets_a_slower_pace():
     full = demo.planned_steps(plan, 30.0)
     assert demo.planned_steps(plan, 30.0, pace=0.5) == pytest.approx(full / 2, abs=1)
     assert demo.planned_steps(plan, 30.0, pace=0.0) == demo.MIN_STEPS
+
+
+def test_progress_estimates_the_rest_of_the_run_at_the_measured_pace():
+    steps = {spec.name: 100 + 10 * i for i, spec in enumerate(demo.PLAN)}
+    progress = demo.Progress(steps)
+    first = demo.PLAN[0]
+    speed = first.demo.steps_per_minute / 2  # this machine runs at half the planned speed
+    later = sum(
+        steps[spec.name] / (spec.demo.steps_per_minute / 2) + spec.demo.setup_minutes
+        for spec in demo.PLAN[1:]
+    )
+    expected = (steps[first.name] - 40) / speed + later + demo.RESERVED_MINUTES
+    assert progress.minutes_left(0, 40, speed) == pytest.approx(expected)
+    planned = sum(
+        steps[spec.name] / spec.demo.steps_per_minute + spec.demo.setup_minutes
+        for spec in demo.PLAN[1:]
+    )
+    unmeasured = (steps[first.name] - 40) / first.demo.steps_per_minute + planned
+    assert progress.minutes_left(0, 40, None) == pytest.approx(unmeasured + demo.RESERVED_MINUTES)

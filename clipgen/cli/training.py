@@ -28,7 +28,10 @@ def add_commands(commands) -> dict:
     demo = commands.add_parser("demo", help="the main job on the shapes world (one CPU)")
     demo.add_argument("--workdir", default="workdir/demo")
     demo.add_argument(
-        "--minutes", type=float, default=30.0, help="the time budget of the training stages"
+        "--minutes",
+        type=float,
+        help="fit the plan to this budget (default: each stage's own steps, the same report "
+        "on any machine)",
     )
 
     return {

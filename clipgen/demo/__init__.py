@@ -1,18 +1,20 @@
-"""`clipgen demo`: the main job on one CPU, the whole unCLIP cascade on the shapes world
-within a time budget.
+"""`clipgen demo`: the main job on one CPU, the whole unCLIP cascade on the shapes world,
+then the pOps operators fine-tuned from its prior.
 
 It builds the shapes dataset through its tfds builder (grids of the true renders, the
 oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
-upsamplers with their `demo` presets, one after the other. `minutes` is the whole run's
-budget: what the data set, the cascade's scoring and the grids take (RESERVED_MINUTES, as
-measured) is set aside, and each stage trains for the steps its share of the rest buys
-at its preset's speed measured on a 2-core CPU, slowed to the pace the stage before it
-kept on this machine if that was slower, and stops at its deadline; stages already
-trained in the workdir resume. Then it
-scores the cascade with the `shapes` evaluation (oracle accuracies on test and held-out
-captions, CLIP score, CLIP-space Frechet distance), draws `samples.png` (test captions
-under their images) and the variation, interpolation and text-diff grids, and writes
-`report.json`.
+upsamplers with their `demo` presets, one after the other, and the union and recolour
+operators (clipgen.demo.operators). By default each stage trains its preset's own steps:
+a fixed plan, so the report is the same on any machine for the same seed and a slower
+machine only takes longer (the log gives the whole run's ETA as it goes). With `minutes`
+the plan is a budget instead: what the data set, the scoring and the grids take
+(RESERVED_MINUTES) is set aside, each stage trains for the steps its share of the rest buys
+at its speed measured on a 2-core CPU (clipgen.stages), slowed to the pace the stage before
+it kept on this machine if that was slower, and stops at its deadline. Stages already
+trained in the workdir resume. It scores the cascade with the `shapes` evaluation (oracle
+accuracies on test and held-out captions, CLIP score, CLIP-space Frechet distance), draws
+`samples.png` (test captions under their images), the variation, interpolation, text-diff
+and operator grids, and writes `report.json`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
     resolutions=(16, 32, 64, 256),
     num_examples={"train": 2000, "test": 200, "heldout": 200},
 )
-DEFAULT_MINUTES = 30.0
 # What is not a stage: building the data set, the cascade's scoring and the grids took 3.1
 # min of a 30-minute run (report.json "minutes"; the CLIP score reusing the oracle's images).
 RESERVED_MINUTES = 3.5
@@ -59,7 +60,7 @@ EMBEDDED_TRAIN_EXAMPLES = 10_000  # train-split embeddings for the prior and the
 
 
 def cascade_configs(
-    workdir: str | Path, preset: str = "demo", minutes: float | None = DEFAULT_MINUTES
+    workdir: str | Path, preset: str = "demo", minutes: float | None = None
 ) -> dict[str, ml_collections.ConfigDict]:
     """The stage configs of the demo cascade in `workdir`, by run name: each stage's
     `preset`, made consistent with each other (the prior's and decoder's widths from the
@@ -144,6 +145,41 @@ class StepTimer:
         return 60.0 * (self._last[0] - self._first[0]) / (self._last[1] - self._first[1])
 
 
+class Progress:
+    """The whole run's progress and ETA, logged as the stages train: a stage's hook logs at
+    most every `every` seconds, estimating its own rest at its measured speed and the later
+    stages' steps at their planned speeds slowed to the pace this one keeps."""
+
+    def __init__(self, steps: dict[str, int], every: float = 60.0, clock=time.perf_counter):
+        self.steps, self.every, self.clock = steps, every, clock
+        self._logged = clock()
+
+    def hook(self, index: int, timer: StepTimer) -> Callable[[int], None]:
+        def log(step: int) -> None:
+            if self.clock() - self._logged < self.every:
+                return
+            self._logged = self.clock()
+            logging.info(
+                "demo: %s step %d of %d; the whole run ends in about %.0f min",
+                PLAN[index].name,
+                step,
+                self.steps[PLAN[index].name],
+                self.minutes_left(index, step, timer.steps_per_minute),
+            )
+
+        return log
+
+    def minutes_left(self, index: int, step: int, speed: float | None) -> float:
+        """Minutes to the end of the run from `step` of stage `index` trained at `speed`."""
+        spec = PLAN[index]
+        pace = min(1.0, speed / spec.demo.steps_per_minute) if speed else 1.0
+        left = (self.steps[spec.name] - step) / (speed or spec.demo.steps_per_minute)
+        for later in PLAN[index + 1 :]:
+            plan = later.demo
+            left += self.steps[later.name] / (plan.steps_per_minute * pace) + plan.setup_minutes
+        return left + RESERVED_MINUTES
+
+
 def stage_deadline(index: int, now: float, training_end: float, training_seconds: float) -> float:
     """When stage `PLAN[index]`, starting at `now`, must stop: after 1.1 times its share of
     the training seconds, and soon enough to leave each later stage half its share (on a
@@ -157,10 +193,10 @@ def run(
     workdir: str | Path,
     data: shapes_tfds.ShapesConfig = DEMO_DATA,
     preset: str = "demo",
-    minutes: float | None = DEFAULT_MINUTES,
+    minutes: float | None = None,
 ) -> dict:
-    """Run the demo in `workdir` with each stage's `preset` within `minutes` (None: train
-    each preset's own steps, no deadlines); returns the report also written to
+    """Run the demo in `workdir` with each stage's `preset`: each preset's own steps (the
+    default), or a plan fitted to a budget of `minutes`; returns the report also written to
     report.json. A stage plans its steps at the pace of the stage before it when that
     trained slower than its plan, so its schedule still ends within its share; an
     overrunning stage takes its time from the stages after it, not from the budget, but
@@ -168,7 +204,8 @@ def run(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    report: dict = {"budget_minutes": minutes, "minutes": {}}
+    report: dict = {"plan": "budget" if minutes else "fixed", "budget_minutes": minutes}
+    report["minutes"] = {}
     report.update(_true_renders(workdir, data))
     report["minutes"]["data"] = _minutes_since(started)
     configs = cascade_configs(workdir, preset, minutes)
@@ -177,14 +214,17 @@ def run(
         training_seconds = 60 * training_minutes(minutes)
         training_end = time.time() + training_seconds
     pace = 1.0
+    progress = Progress({spec.name: configs[spec.name].total_steps for spec in PLAN})
     for index, spec in enumerate(PLAN):
         stage_started = time.perf_counter()
         config, deadline = configs[spec.name], None
         if minutes is not None:
             deadline = stage_deadline(index, time.time(), training_end, training_seconds)
             _set_steps(config, planned_steps(spec, minutes, pace))
+            progress.steps[spec.name] = config.total_steps
         timer = StepTimer()
-        result = _train_stage(spec, config, workdir, deadline, timer)
+        hooks = [timer, progress.hook(index, timer)]
+        result = _train_stage(spec, config, workdir, deadline, hooks)
         speed = timer.steps_per_minute
         result.update(planned_pace=round(pace, 3), steps_per_minute=speed and round(speed, 1))
         if speed is not None and minutes is not None:
@@ -239,16 +279,16 @@ def _train_stage(
     config: ml_collections.ConfigDict,
     workdir: Path,
     deadline: float | None,
-    timer: StepTimer,
+    hooks: list[Callable[[int], None]],
 ) -> dict:
-    """Train (or resume) one stage in workdir/<name>, timing its steps with `timer` (its
-    embedding shards written first if it reads them), then score it with its evaluators."""
+    """Train (or resume) one stage in workdir/<name> with the loop `hooks` (its embedding
+    shards written first if it reads them), then score it with its evaluators."""
     from clipgen.train import loop
 
     embed.ensure_embeddings(config)
     stage = train.trainer(spec.trainer).make_stage(config)
     train_started = time.perf_counter()
-    state = loop.train(config, workdir / spec.name, stage, deadline=deadline, hooks=[timer])
+    state = loop.train(config, workdir / spec.name, stage, deadline=deadline, hooks=hooks)
     result = {
         "steps": int(state.step),
         "planned_steps": int(config.total_steps),
