@@ -2,20 +2,26 @@
 
 One composite item per thing: `state` (every field of the train state but its `ema`: step,
 parameters, optimizer state, RNG, counters), `ema` (the EMA parameters), `config` (JSON),
-`data` (the input iterator's position) and `meta` (clipgen version and stage). Saves are
-async and atomic (orbax writes to a temporary directory and renames it); restores land
-straight on the target sharding.
+`data` (the input iterator's position) and `meta` (clipgen version and stage), and
+`checksums`: a content checksum of every saved array (computed on the devices, so only
+the sums travel) and of each JSON item, verified on every restore. Orbax's array files
+carry none of their own; a step that fails its checksums is treated as unreadable: set
+aside, the one before restored, and said so. Saves are async and atomic (orbax writes to a
+temporary directory and renames it); restores land straight on the target sharding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -29,6 +35,10 @@ SHAPE_KEYS = ("model", "lora")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model than the one being restored."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's contents differ from the checksums recorded when it was saved."""
 
 
 # A train state: a dataclass (clipgen.train.state.TrainState) with a `step` and an `ema` field.
@@ -63,6 +73,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._recorded: dict[int, dict[str, Any]] = {}  # checksums read, by step
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -87,14 +98,19 @@ class Checkpointer:
         fields = _state_fields(state)
         ema = fields.pop("ema")
         meta = {"clipgen_version": clipgen.__version__, "stage": stage, "step": step}
+        items = {"config": config.to_dict(), "data": data, "meta": meta}
+        checksums = {
+            "state": array_checksums(fields),
+            "ema": array_checksums(ema),
+            **{name: json_checksum(value) for name, value in items.items()},
+        }
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(fields),
                 ema=ocp.args.StandardSave(ema),
-                config=ocp.args.JsonSave(config.to_dict()),
-                data=ocp.args.JsonSave(data),
-                meta=ocp.args.JsonSave(meta),
+                checksums=ocp.args.JsonSave(checksums),
+                **{name: ocp.args.JsonSave(value) for name, value in items.items()},
             ),
             force=force,
         )
@@ -127,23 +143,43 @@ class Checkpointer:
             f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
         ) from None
 
-    def restore_for_inference(self, step: int | None = None) -> tuple[dict[str, Any], Any, int]:
-        """(saved config, EMA parameters by name, step) of a checkpoint, as host arrays,
-        for inference; the newest step by default."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def restore_for_inference(self) -> tuple[dict[str, Any], Any, int]:
+        """(saved config, EMA parameters by name, step) of the newest checkpoint whose
+        contents match their checksums, as host arrays, for inference; a damaged one is
+        passed over (left in place) with a warning naming it."""
+        steps = self.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(ema=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()),
+        errors = []
+        for step in reversed(steps):
+            try:
+                saved_config, _ = self._read_json(step)
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(ema=ocp.args.StandardRestore())
+                )
+                self._verify(step, "ema", array_checksums(restored["ema"]))
+                return saved_config, restored["ema"], step
+            except Exception as error:  # noqa: BLE001 - any failure means unreadable
+                where = self.directory / str(step)
+                logging.warning(
+                    "checkpoint %s is unreadable (%s: %s); trying the one before",
+                    where,
+                    type(error).__name__,
+                    error,
+                )
+                errors.append(f"{where}: {type(error).__name__}: {error}")
+        raise CorruptCheckpointError(
+            f"no readable checkpoint in {self.directory}: " + "; ".join(errors)
         )
-        return restored["config"], restored["ema"], step
 
     def _read_json(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config, meta) of a step, checked against its checksums."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
         )
+        for name in ("config", "meta"):
+            self._verify(step, name, json_checksum(restored[name]))
         return restored["config"], restored["meta"]
 
     def _restore_step(self, step: int, abstract_state: TrainState) -> Restored:
@@ -157,14 +193,54 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
+        self._verify(step, "state", array_checksums(restored["state"]))
+        self._verify(step, "ema", array_checksums(restored["ema"]))
+        self._verify(step, "data", json_checksum(restored["data"]))
         state = type(abstract_state)(**restored["state"], ema=restored["ema"])
         return Restored(state=state, data=restored["data"], step=step)
+
+    def _checksums(self, step: int) -> dict[str, Any] | None:
+        """What was recorded for a step; None for a checkpoint from before checksums."""
+        if not (self.directory / str(step) / "checksums").is_dir():
+            return None
+        if step not in self._recorded:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())
+            )
+            self._recorded[step] = restored["checksums"]
+        return self._recorded[step]
+
+    def _verify(self, step: int, item: str, found: Any) -> None:
+        """Raise CorruptCheckpointError naming the item (and array) when `found` differs
+        from the checksum recorded at save."""
+        recorded = self._checksums(step)
+        if recorded is None:
+            logging.warning(
+                "checkpoint %s has no checksums: not verified", self.directory / str(step)
+            )
+            return
+        expected = recorded[item]
+        if found == expected:
+            return
+        where = self.directory / str(step) / item
+        if isinstance(expected, dict):
+            damaged = sorted(
+                k for k in set(expected) | set(found) if expected.get(k) != found.get(k)
+            )
+            raise CorruptCheckpointError(
+                f"{where}: the contents of {', '.join(damaged[:5])} differ from the checksums "
+                "recorded when it was saved"
+            )
+        raise CorruptCheckpointError(
+            f"{where} differs from the checksum recorded when it was saved"
+        )
 
     def _skip(self, step: int, error: Exception, errors: list[str]) -> None:
         """Set an unreadable checkpoint aside (renamed, never deleted) so that training can
         save that step again, and say so."""
         where = self.directory / str(step)
         aside = self.directory / f"unreadable-{step}-{int(time.time())}"
+        self._recorded.pop(step, None)
         if jax.process_index() == 0:
             where.rename(aside)
         if jax.process_count() > 1:
@@ -223,6 +299,41 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(_flatten(value, f"{prefix}.{key}"))
     return flat
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """A uint32 content checksum of an array: its bits as 32-bit (or narrower) words, each
+    times an odd weight set by its position, summed mod 2^32; any one changed bit changes
+    it, and so does moving words about."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2 * 2654435761 % 2**32)
+    return jnp.sum(words * (weights + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([_fingerprint(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
+
+
+def array_checksums(tree: Any) -> dict[str, int]:
+    """A content checksum of every array of `tree` by key path, computed where the arrays
+    are (a sharded array's shards are summed on their devices)."""
+    paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = jax.device_get(_fingerprints([jnp.asarray(leaf) for _, leaf in paths_and_leaves]))
+    return {
+        jax.tree_util.keystr(path): int(total)
+        for (path, _), total in zip(paths_and_leaves, sums, strict=True)
+    }
+
+
+def json_checksum(value: Any) -> str:
+    """The sha256 of a JSON item's canonical form."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _state_fields(state: TrainState) -> dict[str, Any]:
