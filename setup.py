@@ -60,5 +60,5 @@ setup(
     package_dir={"clipgen.configs": "configs"},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
-    entry_points={"console_scripts": ["clipgen=clipgen.cli:main"]},
+    entry_points={"console_scripts": ["clipgen=clipgen.cli:run"]},
 )

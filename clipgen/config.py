@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 import clipgen
 from clipgen import parallel
+from clipgen.errors import InputError
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -107,7 +108,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if any(size == 0 or size < -1 for size in sizes) or sizes.count(-1) > 1:
         problems.append(f"config.mesh: sizes >= 1 and at most one -1; got {dict(config.mesh)}")
     if problems:
-        raise ValueError("bad config:\n  " + "\n  ".join(problems))
+        raise InputError("bad config: " + "; ".join(problems))
 
 
 def preset_path(name: str) -> Path:
@@ -117,7 +118,7 @@ def preset_path(name: str) -> Path:
     for path in (package / "configs" / f"{name}.py", package.parent / "configs" / f"{name}.py"):
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise InputError(
         f"no config file {name}.py in {package / 'configs'} or {package.parent / 'configs'}; "
         "clipgen's own stages are clip, prior, ar_prior, decoder, upsampler and eval"
     )

@@ -26,6 +26,7 @@ PACKAGES = {
     "eval": "eval",
 }
 TOP = {"demo", "cli"}
+BASE = {"errors"}  # imported by every layer, imports nothing
 
 
 def module_name(path: Path) -> str:
@@ -43,6 +44,8 @@ def layer(module: str) -> str | None:
         return None
     if parts[0] in PACKAGES:
         return PACKAGES[parts[0]]
+    if parts[0] in BASE:
+        return "base"
     return "top" if parts[0] in TOP else "core"
 
 

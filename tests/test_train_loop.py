@@ -227,6 +227,54 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert saved == [step] and 0 < step < 100000
 
 
+@pytest.mark.slow
+def test_sigterm_at_ten_random_moments_exits_0_and_resumes_to_the_same_state(tmp_path):
+    """Each run of a chain is stopped at a random moment from 0.3 s (Python has run
+    clipgen's first line) to the length of a whole run, so start-up, restore, compile,
+    steps, saves and the end all get hit; each chain is resumed to its end and compared
+    with the uninterrupted run. The runs share a compilation cache, so that steps, not
+    compiling, fill most of each."""
+    total = 300
+    steps = [
+        f"--config.total_steps={total}",
+        "--config.checkpoint.every=20",
+        "--config.log_every=20",
+    ]
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    assert _cli(tmp_path / "straight", *steps, env=cache).wait(timeout=300) == 0
+    began = time.monotonic()
+    assert _cli(tmp_path / "timed", *steps, env=cache).wait(timeout=300) == 0
+    whole_run = time.monotonic() - began
+    straight = _restore(tmp_path / "straight", total_steps=total)
+
+    def assert_resumes_to_the_straight_state(workdir):
+        assert _cli(workdir, *steps, env=cache).wait(timeout=300) == 0
+        resumed = _restore(workdir, total_steps=total)
+        assert int(resumed.step) == total
+        _assert_trees_close(straight.params, resumed.params, rtol=0, atol=0)
+        _assert_trees_close(straight.ema, resumed.ema, rtol=0, atol=0)
+        _assert_trees_close(straight.opt_state, resumed.opt_state, rtol=0, atol=0)
+
+    outcomes, chains = [], [tmp_path / "chain0"]
+    for moment in np.random.default_rng(0).uniform(0.3, whole_run, size=10):
+        run = _cli(chains[-1], *steps, env=cache, stderr=subprocess.PIPE)
+        time.sleep(moment)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, f"SIGTERM at {moment:.2f} s: rc {run.returncode}\n{stderr}"
+        said = [
+            line for line in stderr.splitlines() if "terminated" in line or "pre-empted" in line
+        ]
+        outcomes.append(f"{moment:5.2f} s: {said[-1].split(': ', 1)[-1] if said else 'finished'}")
+        if not said:
+            assert_resumes_to_the_straight_state(chains[-1])
+            chains.append(tmp_path / f"chain{len(chains)}")
+    print(f"whole run {whole_run:.1f} s; SIGTERM at", *outcomes, sep="\n")
+    assert any("pre-empted at step" in outcome for outcome in outcomes), outcomes
+    assert any("nothing" in outcome for outcome in outcomes), outcomes
+    assert_resumes_to_the_straight_state(chains[-1])
+
+
 def test_deadline_stops_after_saving_and_the_run_resumes_to_the_end(tmp_path):
     config = _config()
     stage = denoiser_stage.make_stage(config)

@@ -20,24 +20,50 @@
       [--operator RUN] [--word WORD] [--drop 1] [--guidance 8] [--mean]
 
 Heavy imports (JAX, TensorFlow) happen only after the arguments and the config are checked,
-so a typo fails in a moment.
+so a typo fails in a moment. A user's unusable input (`clipgen.errors.InputError`) is one
+line on stderr and exit status 2; SIGTERM at any moment exits 0 (training saves its step
+first).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from clipgen.cli import cascade, evaluation, operators, training
 from clipgen.cli.config_args import load_config
+from clipgen.errors import InputError
 
-__all__ = ["load_config", "main"]
+__all__ = ["load_config", "main", "run"]
+
+
+def run() -> None:
+    """The program: `main` on sys.argv, then exit. Once the command is done SIGTERM is
+    ignored, because Python's own teardown (JAX, TensorFlow) resets handlers to the
+    default one that would end an already finished run with status -15."""
+    status = main()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `clipgen` command on `argv`; its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        return _main(argv)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clipgen", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     handlers = {}
@@ -46,14 +72,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").addFilter(_quiet_orbax)
-    if args.command in TAKES_CONFIG:
-        return handlers[args.command](args, rest)
-    if rest:
+    if rest and args.command not in TAKES_CONFIG:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](*([args, rest] if args.command in TAKES_CONFIG else [args]))
+    except InputError as error:
+        print(f"clipgen {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 TAKES_CONFIG = ("train", "embed", "eval")  # commands whose other arguments are --config ones
+
+
+def _terminated(signum, frame):
+    """Outside a training loop (which saves its step first) SIGTERM ends the command at
+    once with status 0 and a line saying so. It exits rather than raising, since an
+    exception raised in a signal handler can land in code that swallows it (a garbage
+    collector callback) and the command would run on; files are written to temporary
+    names and renamed, so none is left half-written."""
+    del signum, frame
+    print("clipgen: terminated; no training step was running, nothing to save", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -70,4 +111,4 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,7 +1,5 @@
 """`python -m clipgen.cli ...`: the `clipgen` command."""
 
-import sys
+from clipgen.cli import run
 
-from clipgen.cli import main
-
-sys.exit(main())
+run()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from clipgen.cli.config_args import load_config
+from clipgen.errors import output_directory
 
 
 def add_commands(commands) -> dict:
@@ -51,6 +52,7 @@ def _shapes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    output_directory(args.workdir)
     from clipgen import demo as demo_lib
     from clipgen.train import loop
 
@@ -67,11 +69,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     """Embed a split with the CLIP run's stored config (`--config` only for a checkpoint
     that stores none)."""
-    try:
-        config = load_config(config_args) if config_args else None
-    except ValueError as error:
-        print(f"clipgen embed: {error}", file=sys.stderr)
-        return 2
+    config = load_config(config_args) if config_args else None
+    output_directory(args.out, "--out")
     from clipgen.pipelines import embed
 
     embed.run(
@@ -88,12 +87,9 @@ def _embed(args: argparse.Namespace, config_args: Sequence[str]) -> int:
 def _train(workdir: str, args: Sequence[str]) -> int:
     from clipgen import config as config_lib
 
-    try:
-        config = load_config(args)
-        config_lib.validate(config)
-    except ValueError as error:
-        print(f"clipgen train: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args)
+    config_lib.validate(config)
+    output_directory(workdir)
     from clipgen import parallel
 
     parallel.initialize_distributed(config)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 import numpy as np
 
+from clipgen.errors import InputError
+
 if TYPE_CHECKING:  # importing the registry imports JAX, which `validate` runs before
     from clipgen.eval.registry import Generator
 
@@ -43,7 +45,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not config.evals[name].get("type"):
             problems.append(f"config.evals.{name}.type is empty: name an evaluator type")
     if problems:
-        raise ValueError("bad eval config:\n  " + "\n  ".join(problems))
+        raise InputError("bad eval config: " + "; ".join(problems))
 
 
 # --- generators -----------------------------------------------------------------------------

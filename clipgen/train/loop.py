@@ -26,6 +26,7 @@ from flax import linen as nn
 
 from clipgen import parallel
 from clipgen.checkpoint import Checkpointer
+from clipgen.errors import output_directory
 from clipgen.train import state as state_lib
 
 Batch = dict[str, Any]
@@ -64,7 +65,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):  # noqa: N818 - a signal, not an error
-    """SIGTERM arrived; a checkpoint of the current step was written."""
+    """SIGTERM arrived: the current step was saved, or none had been taken yet."""
 
 
 def train(
@@ -83,8 +84,17 @@ def train(
     called with the step number after each step, beside the loop's own progress report;
     `evaluators` (name -> evaluate(state) -> scalars) every `config.eval_every` steps. Raises
     `Preempted` after saving when SIGTERM arrives, `NonFiniteError` when a non-finite loss
-    or gradient appears and `config.on_nonfinite == "stop"`."""
-    workdir = Path(workdir)
+    or gradient appears and `config.on_nonfinite == "stop"`. SIGTERM is caught from the
+    call on: before the first step it stops the run with nothing new to save."""
+    workdir = output_directory(workdir)
+    stop_signal = _SigtermFlag()
+    try:
+        return _train(config, workdir, stage, devices, deadline, hooks, evaluators, stop_signal)
+    finally:
+        stop_signal.restore()
+
+
+def _train(config, workdir, stage, devices, deadline, hooks, evaluators, stop_signal):
     run = prepare(config, stage, devices)
     mesh, rules, batch_size = run.mesh, run.rules, int(config.batch_size)
     checkpointer = Checkpointer(
@@ -107,7 +117,6 @@ def train(
     hooks = [*_progress_hooks(config, writer), *hooks]
     start_step = int(jax.device_get(train_state.step))
     batches = stage.batches(first_batch, batch_size)
-    stop_signal = _SigtermFlag()
     window: list[dict[str, jax.Array]] = []
 
     def save(force: bool = False) -> None:
@@ -116,6 +125,8 @@ def train(
 
     step = start_step
     try:
+        if stop_signal.raised:
+            raise Preempted(f"terminated before step {step + 1}; nothing new to save")
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             while step < config.total_steps:
                 batch = parallel.global_batch(next(batches), mesh)
@@ -153,7 +164,6 @@ def train(
                     )
                     break
     finally:
-        stop_signal.restore()
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
