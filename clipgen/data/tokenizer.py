@@ -191,9 +191,9 @@ class Tokenizer:
         """An HF CLIP tokenizer directory: `vocab.json` and `merges.txt`, or the
         `tokenizer.json` alone that transformers 5 writes (its BPE vocabulary and merges are
         read; the pipeline around them is CLIP's, as for the other sources). The pad token
-        is `tokenizer_config.json`'s `pad_token` where it names one (Karlo's "!", id 0;
-        transformers' default is the end token), else id 0. `context_length` None takes the
-        directory's `model_max_length`."""
+        is `tokenizer_config.json`'s `pad_token` where it names one (Karlo's "!", id 0,
+        which transformers then also matches whole in a text; its default is the end
+        token), else id 0. `context_length` None takes the directory's `model_max_length`."""
         path = Path(path)
         settings = _read_json(path / "tokenizer_config.json")
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
@@ -219,8 +219,11 @@ class Tokenizer:
             context_length = int(settings.get("model_max_length", CONTEXT_LENGTH))
         pad = settings.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = vocab.get(pad, 0) if isinstance(pad, str) else 0
-        return cls(_clip_pipeline(_bpe(vocab, merges)), context_length, pad_id)
+        backend = _clip_pipeline(_bpe(vocab, merges))
+        if isinstance(pad, str) and pad in vocab and pad not in (START, END):
+            backend.add_special_tokens([pad])  # as transformers does: "!" in a text is the pad
+        pad_id = vocab[pad] if isinstance(pad, str) and pad in vocab else 0
+        return cls(backend, context_length, pad_id)
 
     @classmethod
     def train(

@@ -270,10 +270,9 @@ def make_diffusion(
     `respacing` ("N", "N1,N2,...", "ddimN" or "unclipN") keeps a subsequence of the steps
     with the betas recomputed so that q(x_t|x_0) is unchanged at every kept step.
     `arithmetic` "float64" derives every coefficient from float64 betas before casting
-    (improved-diffusion's); "float32" computes them as diffusers' UnCLIPScheduler steps do,
-    from float32 betas and their float32 cumulative product (which moves the last step's
-    posterior coefficient off 1 by ~1e-3, 1 - (1 - beta_0) cancelling in float32), so that
-    clipgen draws what it draws.
+    (improved-diffusion's); "float32" computes them in float32 as diffusers' UnCLIPScheduler
+    steps do, from float32 betas (which moves the last step's posterior coefficient off 1
+    by ~1e-3, 1 - (1 - beta_0) cancelling in float32), so that clipgen draws what it draws.
     """
     if arithmetic not in ARITHMETIC:
         raise ValueError(f"unknown arithmetic {arithmetic!r}; expected one of {ARITHMETIC}")
@@ -338,11 +337,13 @@ def make_diffusion(
 
 def _float32_coefficients(betas: np.ndarray, kept: list[int]) -> dict[str, np.ndarray]:
     """The coefficients of the steps `kept` as diffusers' UnCLIPScheduler computes them in
-    its `step`: float32 throughout, alpha-bar the float32 cumulative product of float32
-    1 - beta, each kept step t going to the previous kept step (the first to t - 1)."""
+    its `step`: float32 throughout, alpha-bar the cumulative product of float32 1 - beta
+    as torch forms it, each kept step t going to the previous kept step (the first to
+    t - 1)."""
     f32 = np.float32
     betas = betas.astype(f32)
-    alphas_cumprod = np.cumprod(f32(1) - betas, dtype=f32)
+    # torch's CPU cumprod accumulates float32 in float64, rounding each product to float32
+    alphas_cumprod = np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32)
     one = f32(1)
     rows = []
     for i, t in enumerate(kept):
