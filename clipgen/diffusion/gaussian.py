@@ -272,7 +272,8 @@ def make_diffusion(
     `arithmetic` "float64" derives every coefficient from float64 betas before casting
     (improved-diffusion's); "float32" computes them in float32 as diffusers' UnCLIPScheduler
     steps do, from float32 betas (which moves the last step's posterior coefficient off 1
-    by ~1e-3, 1 - (1 - beta_0) cancelling in float32), so that clipgen draws what it draws.
+    by ~1e-3, 1 - (1 - beta_0) cancelling in float32), so that a process read from an
+    UnCLIPScheduler config draws what diffusers draws.
     """
     if arithmetic not in ARITHMETIC:
         raise ValueError(f"unknown arithmetic {arithmetic!r}; expected one of {ARITHMETIC}")
@@ -286,18 +287,23 @@ def make_diffusion(
         kept = schedules.space_timesteps(num_timesteps, respacing)
     if arithmetic == "float32":
         coefficients = _float32_coefficients(betas, kept)
-        return Diffusion(
-            **coefficients,
-            timestep_map=np.asarray(kept, dtype=np.int32),
-            schedule=schedule,
-            original_num_timesteps=num_timesteps,
-            prediction=prediction,
-            variance=variance,
-            arithmetic=arithmetic,
-        )
-    if respacing is not None:
-        betas = schedules.respace_betas(betas, kept)
+    else:
+        if respacing is not None:
+            betas = schedules.respace_betas(betas, kept)
+        coefficients = _float64_coefficients(betas)
+    return Diffusion(
+        **coefficients,
+        timestep_map=np.asarray(kept, dtype=np.int32),
+        schedule=schedule,
+        original_num_timesteps=num_timesteps,
+        prediction=prediction,
+        variance=variance,
+        arithmetic=arithmetic,
+    )
 
+
+def _float64_coefficients(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every coefficient from float64 betas (already respaced), cast to float32."""
     alphas_cumprod = np.cumprod(1.0 - betas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
@@ -325,14 +331,7 @@ def make_diffusion(
         / (1.0 - alphas_cumprod),
         "log_betas": np.log(betas),
     }
-    return Diffusion(
-        **{name: value.astype(np.float32) for name, value in coefficients.items()},
-        timestep_map=np.asarray(kept, dtype=np.int32),
-        schedule=schedule,
-        original_num_timesteps=num_timesteps,
-        prediction=prediction,
-        variance=variance,
-    )
+    return {name: value.astype(np.float32) for name, value in coefficients.items()}
 
 
 def _float32_coefficients(betas: np.ndarray, kept: list[int]) -> dict[str, np.ndarray]:
