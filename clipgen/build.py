@@ -249,12 +249,16 @@ class ClipModel:
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
     """A diffusion stage ready for inference: module, parameters, the process it was
-    trained with, and the resolution of what it draws (0 for the prior)."""
+    trained with, the resolution of what it draws (0 for the prior), and the parameters of
+    the same module that run the last sampling step instead (None: `params`; Karlo's
+    super-resolution runs `super_res_first` on all steps but the last, `super_res_last` on
+    the last)."""
 
     module: Any
     params: Any
     diffusion: Diffusion
     resolution: int = 0
+    last_step_params: Any = None
 
 
 def clip_model(config: ml_collections.ConfigDict, params: Any) -> ClipModel:

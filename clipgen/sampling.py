@@ -42,10 +42,19 @@ def decoder_condition(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def decoder_model_fn(module: Decoder, params: Any, guidance_scale: float, cond: DecoderCondition):
-    """model_fn(x_t, t) of the decoder: guided by `guidance_scale` against the output with
-    both the image embedding and the text dropped (scale 1: no guidance). `cond` may carry
-    `drop_text` (B,) bool for the conditional branch itself (e.g. rendering without text)."""
+def decoder_model_fn(
+    module: Decoder,
+    params: Any,
+    guidance_scale: float,
+    cond: DecoderCondition,
+    uncond: DecoderCondition | None = None,
+):
+    """model_fn(x_t, t) of the decoder, guided by `guidance_scale` (1: no guidance) against
+    its output for `uncond`: by default `cond` with both the image embedding and the text
+    dropped (clipgen's decoders train with that null); Karlo's is the null image embedding
+    with the empty caption's CLIP encodings (`uncond` with drop_image True, drop_text False).
+    `cond` may carry `drop_text` (B,) bool for the conditional branch itself (e.g. rendering
+    without text); `uncond` carries both drops."""
 
     def model_fn(x_t, t, condition):
         return module.apply(
@@ -65,11 +74,12 @@ def decoder_model_fn(module: Decoder, params: Any, guidance_scale: float, cond: 
     kept.setdefault("drop_text", jnp.zeros((batch,), bool))
     if guidance_scale == 1.0:
         return lambda x_t, t: model_fn(x_t, t, kept)
-    dropped = dict(cond, drop_image=jnp.ones((batch,), bool), drop_text=jnp.ones((batch,), bool))
+    if uncond is None:
+        uncond = dict(cond, drop_image=jnp.ones((batch,), bool), drop_text=jnp.ones((batch,), bool))
     channels = module.config.unet.out_channels
     guided = 3 if channels == 6 else None  # a learned-range model: guide the prediction only
     return samplers.classifier_free_guidance(
-        model_fn, kept, [(dropped, guidance_scale)], guided_channels=guided
+        model_fn, kept, [(uncond, guidance_scale)], guided_channels=guided
     )
 
 
@@ -85,15 +95,23 @@ def sample_decoder(
     method: str = "ddpm",
     eta: float = 0.0,
     x_T: jax.Array | None = None,
+    noise: samplers.StepNoise | None = None,
+    uncond: DecoderCondition | None = None,
+    clip: float | None = None,
 ) -> jax.Array:
     """Images (B, size, size, 3) in [-1, 1] from decoder conditions; `x_T` fixes the start
-    noise (variations, interpolations)."""
+    noise (variations, interpolations, another implementation's draw) and `noise` the
+    noise of each step (clipgen.diffusion.samplers.sample); `uncond` is the guidance's null
+    (decoder_model_fn); x0 estimates are clamped to +-`clip` (None: 1)."""
     noise_rng, step_rng = jax.random.split(rng)
     batch = cond["image_embed"].shape[0]
     if x_T is None:
         x_T = jax.random.normal(noise_rng, (batch, image_size, image_size, 3))
-    model_fn = decoder_model_fn(module, params, guidance_scale, cond)
-    return samplers.sample(diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=1.0)
+    model_fn = decoder_model_fn(module, params, guidance_scale, cond, uncond)
+    clip = 1.0 if clip is None else clip
+    return samplers.sample(
+        diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=clip, noise=noise
+    )
 
 
 def sample_upsampler(
@@ -106,16 +124,36 @@ def sample_upsampler(
     *,
     method: str = "ddim",
     eta: float = 0.0,
+    x_T: jax.Array | None = None,
+    noise: samplers.StepNoise | None = None,
+    clip: float | None = None,
+    last_step_params: Any = None,
 ) -> jax.Array:
-    """(B, size, size, 3) in [-1, 1] from low-resolution images (B, h, w, 3) in [-1, 1]."""
+    """(B, size, size, 3) in [-1, 1] from low-resolution images (B, h, w, 3) in [-1, 1];
+    `x_T` and `noise` as for the decoder; x0 estimates clamped to +-`clip` (None: the
+    target's range); `last_step_params` run the last step (Karlo's super_res_last)."""
     noise_rng, step_rng = jax.random.split(rng)
-    x_T = jax.random.normal(noise_rng, (low_res.shape[0], image_size, image_size, 3))
+    if x_T is None:
+        x_T = jax.random.normal(noise_rng, (low_res.shape[0], image_size, image_size, 3))
 
-    def model_fn(x_t, t):
-        return module.apply({"params": params}, x_t, t, low_res)
+    def model_fn(x_t, t, weights=params):
+        return module.apply({"params": weights}, x_t, t, low_res)
 
-    clip = target_range(module.config)
-    target = samplers.sample(diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=clip)
+    final_fn = None
+    if last_step_params is not None:
+        final_fn = lambda x_t, t: model_fn(x_t, t, last_step_params)  # noqa: E731
+    clip = target_range(module.config) if clip is None else clip
+    target = samplers.sample(
+        diffusion,
+        model_fn,
+        x_T,
+        step_rng,
+        method=method,
+        eta=eta,
+        clip=clip,
+        noise=noise,
+        final_model_fn=final_fn,
+    )
     return from_target(module.config, target, low_res)
 
 
@@ -161,6 +199,8 @@ def sample_prior(
     clip_denoised: float | None = None,
     uncond: PriorCondition | None = None,
     return_candidates: bool = False,
+    x_T: jax.Array | None = None,
+    noise: samplers.StepNoise | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """CLIP image embeddings (B, D) for a batch of text conditions, in CLIP's space (the
     prior's latents passed through `post_process_latents`).
@@ -168,7 +208,9 @@ def sample_prior(
     `diffusion` is the (respaced) process to run; `uncond` is the guidance's unconditional
     input (default `null_condition`; the diffusers pipelines use the empty caption's CLIP
     encodings for Karlo's prior). `clip_denoised` clamps the predicted x0 to +-value in the
-    prior's latent space (Karlo: 10). With `return_candidates`, also the (B, N, D) draws.
+    prior's latent space (Karlo's pipeline: 5). With `return_candidates`, also the (B, N, D)
+    draws. `x_T` (B * N, D) fixes the starting latents and `noise` each step's noise
+    (clipgen.diffusion.samplers.sample), the N draws of a caption being adjacent rows.
     Call it under `jax.jit`; inputs sharded over the batch keep the program batch-parallel.
     """
     if best_of < 1:
@@ -195,9 +237,10 @@ def sample_prior(
         denoise = samplers.classifier_free_guidance(model_fn, repeated, [(null, guidance_scale)])
 
     noise_rng, step_rng = jax.random.split(rng)
-    x_T = jax.random.normal(noise_rng, (batch * best_of, module.config.embedding_dim))
+    if x_T is None:
+        x_T = jax.random.normal(noise_rng, (batch * best_of, module.config.embedding_dim))
     latents = samplers.sample(
-        diffusion, denoise, x_T, step_rng, method=method, eta=eta, clip=clip_denoised
+        diffusion, denoise, x_T, step_rng, method=method, eta=eta, clip=clip_denoised, noise=noise
     )
     embeds = module.apply({"params": params}, latents, method=PriorTransformer.post_process_latents)
     candidates = embeds.reshape(batch, best_of, -1)

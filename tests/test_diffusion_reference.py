@@ -64,6 +64,70 @@ def test_even_spacing_equals_unclip_timesteps(steps):
     assert schedules.space_timesteps(1000, str(steps)) == sorted(scheduler.timesteps.tolist())
 
 
+@pytest.mark.parametrize("steps", [2, 7, 21, 23, 25, 31, 50, 111, 1000])
+def test_unclip_spacing_equals_unclip_timesteps(steps):
+    scheduler = UnCLIPScheduler()
+    scheduler.set_timesteps(steps)
+    expected = sorted(scheduler.timesteps.tolist())
+    assert schedules.space_timesteps(1000, f"unclip{steps}") == expected
+    if steps in (21, 23):  # where improved-diffusion's even spacing rounds differently
+        assert schedules.space_timesteps(1000, str(steps)) != expected
+
+
+@pytest.mark.parametrize(
+    "prediction, variance, steps",
+    [("x0", "fixed_small", 25), ("eps", "learned_range", 25), ("eps", "fixed_small", 7)],
+)
+def test_float32_process_steps_as_the_unclip_scheduler(prediction, variance, steps):
+    """Karlo's three schedulers, unmodified (float32): every step of the "unclipN" process
+    with float32 arithmetic, the first (t = 999) and the last (t = 0, where float32 moves
+    the posterior coefficient off 1 by ~1e-3) included, to float32 rounding (a few ulps)."""
+    diffusers_variance = {"fixed_small": "fixed_small_log", "learned_range": "learned_range"}
+    scheduler = UnCLIPScheduler(
+        variance_type=diffusers_variance[variance],
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        clip_sample_range=5.0 if prediction == "x0" else 1.0,
+    )
+    scheduler.set_timesteps(steps)
+    clip = scheduler.config.clip_sample_range
+    d = gaussian.make_diffusion(
+        "cosine",
+        1000,
+        prediction=prediction,
+        variance=variance,
+        respacing=f"unclip{steps}",
+        arithmetic="float32",
+    )
+    assert d.respaced("unclip5").arithmetic == "float32"
+    float64 = gaussian.make_diffusion(
+        "cosine", 1000, prediction=prediction, variance=variance, respacing=f"unclip{steps}"
+    )
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    channels = 6 if variance == "learned_range" else 3
+    output = (0.5 * rng.standard_normal((2, 4, 4, channels))).astype(np.float32)
+    timesteps = scheduler.timesteps.tolist()
+    worst64 = 0.0
+    for k, timestep in enumerate(timesteps):
+        index = steps - 1 - k
+        assert int(d.timestep_map[index]) == timestep
+        prev = timesteps[k + 1] if k + 1 < steps else None
+        generator = torch.Generator().manual_seed(k)
+        expected = scheduler.step(
+            _nchw(output), timestep, _nchw(x), prev_timestep=prev, generator=generator
+        ).prev_sample
+        noise = _nhwc(torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(k)))
+        t = jnp.full((2,), index)
+        ours, _ = samplers.ddpm_step(d, jnp.asarray(output), jnp.asarray(x), t, noise, clip)
+        np.testing.assert_allclose(np.asarray(ours), _nhwc(expected), atol=1e-6, rtol=0)
+        theirs64, _ = samplers.ddpm_step(
+            float64, jnp.asarray(output), jnp.asarray(x), t, noise, clip
+        )
+        worst64 = max(worst64, float(np.abs(np.asarray(theirs64) - _nhwc(expected)).max()))
+    # the float64-derived coefficients miss the scheduler by far more (its last step)
+    assert worst64 > 1e-4
+
+
 def test_section_spacing_follows_improved_diffusion():
     # improved-diffusion's docstring example: 300 steps, sections of 10, 15, 20.
     kept = schedules.space_timesteps(300, "10,15,20")

@@ -170,3 +170,24 @@ def test_training_gives_the_same_tokenizer_in_every_process():
     }
     assert len(outputs) == 1
     assert outputs.pop().strip() == Tokenizer.train(captions, num_merges=50).backend.to_str()
+
+
+@pytest.mark.parametrize("pad_token", ["!", END])
+def test_tokenizer_json_alone_gives_the_ids_and_padding_of_transformers(
+    vocab_files, tmp_path, pad_token
+):
+    """transformers 5 saves a CLIPTokenizer as tokenizer.json (+ tokenizer_config.json)
+    only; its vocabulary, merges, pad token and length are read from there (Karlo pads
+    with "!", id 0; transformers' default pad is the end token)."""
+    _, hf = vocab_files
+    reference = CLIPTokenizer.from_pretrained(hf, model_max_length=77, pad_token=pad_token)
+    reference.save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    ours = Tokenizer.from_hf_directory(tmp_path, None)
+    assert ours.context_length == 77 and ours.pad_id == reference.pad_token_id
+    ids, mask = ours.encode(TEXTS)
+    expected = reference(TEXTS, truncation=True, max_length=77, padding="max_length")
+    np.testing.assert_array_equal(ids, np.asarray(expected["input_ids"]))
+    np.testing.assert_array_equal(mask, np.asarray(expected["attention_mask"]))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_hf_directory(tmp_path / "missing")

@@ -8,7 +8,7 @@
   clipgen fid-stats --inception WEIGHTS --out STATS.npz (--coco-dir DIR | --shapes-split SPLIT)
       [--num N] [--resolution 256] [--resize-mode tf1_bilinear] [--seed 0] [--save-features]
   clipgen convert inception --pth FILE --out FILE.safetensors [--overwrite]
-  clipgen sample --checkpoints DIR --captions "a ..." [...] --out GRID.png [--seed 0]
+  clipgen sample --checkpoints DIR|KARLO_DIR --captions "a ..." [...] --out GRID.png [--seed 0]
       [--prior-steps 64 --decoder-steps 250 --upsampler-steps ddim27 ...]
   clipgen vary --checkpoints DIR --image PNG --out GRID.png [--count 4 --eta 1.0]
   clipgen interpolate --checkpoints DIR --image-a PNG --image-b PNG --out GRID.png

@@ -15,7 +15,8 @@ def add_commands(commands) -> dict:
     common.add_argument(
         "--checkpoints",
         required=True,
-        help="the workdir holding the clip, prior, decoder, upsampler, upsampler2 runs",
+        help="the workdir holding the clip, prior, decoder, upsampler, upsampler2 runs, or a "
+        "diffusers pipeline folder with its model_index.json (Karlo's UnCLIPPipeline)",
     )
     common.add_argument("--out", required=True, help="the PNG grid to write")
     common.add_argument("--seed", type=int, default=0)
@@ -27,7 +28,7 @@ def add_commands(commands) -> dict:
         steps.add_argument(
             f"--{stage}-steps",
             dest=f"{stage}_respacing",
-            help=f"the {stage}'s respacing: N or ddimN steps",
+            help=f"the {stage}'s respacing: N, ddimN or unclipN steps (Karlo: unclipN)",
         )
     steps.add_argument("--prior-guidance", type=float, help="classifier-free guidance scale")
     steps.add_argument("--decoder-guidance", type=float, help="classifier-free guidance scale")

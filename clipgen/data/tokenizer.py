@@ -82,6 +82,11 @@ def _openai_layout_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON file's object, {} when there is no file."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def learn_merges(texts: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
     """BPE merges learnt from texts split as CLIP splits them: repeatedly merge the most
     frequent adjacent pair of symbols (ties: the smallest pair), until `num_merges` or no
@@ -180,15 +185,45 @@ class Tokenizer:
         return cls(_clip_pipeline(_bpe(_openai_layout_vocab(merges), merges)), context_length)
 
     @classmethod
-    def from_hf_directory(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> Tokenizer:
-        """An HF CLIP tokenizer directory: `vocab.json` and `merges.txt`."""
+    def from_hf_directory(
+        cls, path: str | Path, context_length: int | None = CONTEXT_LENGTH
+    ) -> Tokenizer:
+        """An HF CLIP tokenizer directory: `vocab.json` and `merges.txt`, or the
+        `tokenizer.json` alone that transformers 5 writes (its BPE vocabulary and merges are
+        read; the pipeline around them is CLIP's, as for the other sources). The pad token
+        is `tokenizer_config.json`'s `pad_token` where it names one (Karlo's "!", id 0,
+        which transformers then also matches whole in a text; its default is the end
+        token), else id 0. `context_length` None takes the directory's `model_max_length`."""
         path = Path(path)
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [
-            tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")
-        ]
-        return cls(_clip_pipeline(_bpe(vocab, merges)), context_length)
+        settings = _read_json(path / "tokenizer_config.json")
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+            merges = [
+                tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")
+            ]
+        elif (path / "tokenizer.json").is_file():
+            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            if model.get("type") != "BPE":
+                raise ValueError(
+                    f"{path}/tokenizer.json holds a {model.get('type')} model, not BPE"
+                )
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        else:
+            raise FileNotFoundError(
+                f"{path} holds neither vocab.json + merges.txt nor tokenizer.json (an HF CLIP "
+                "tokenizer directory)"
+            )
+        if context_length is None:
+            context_length = int(settings.get("model_max_length", CONTEXT_LENGTH))
+        pad = settings.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        backend = _clip_pipeline(_bpe(vocab, merges))
+        if isinstance(pad, str) and pad in vocab and pad not in (START, END):
+            backend.add_special_tokens([pad])  # as transformers does: "!" in a text is the pad
+        pad_id = vocab[pad] if isinstance(pad, str) and pad in vocab else 0
+        return cls(backend, context_length, pad_id)
 
     @classmethod
     def train(

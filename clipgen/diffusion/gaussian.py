@@ -20,6 +20,7 @@ from clipgen.diffusion import schedules
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+ARITHMETIC = ("float64", "float32")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -39,7 +40,8 @@ class Diffusion:
     """A Gaussian diffusion process: its coefficients (float32 numpy) and parameterisation.
 
     Indices `t` into the arrays run over this process's steps; `timestep_map[t]` is the
-    step of the original process that the model is told. Build one with `make_diffusion`.
+    step of the original process that the model is told. Build one with `make_diffusion`;
+    `arithmetic` says how its coefficients were computed (see there).
     """
 
     betas: np.ndarray
@@ -60,6 +62,7 @@ class Diffusion:
     original_num_timesteps: int = struct.field(pytree_node=False, default=1000)
     prediction: str = struct.field(pytree_node=False, default="eps")
     variance: str = struct.field(pytree_node=False, default="fixed_small")
+    arithmetic: str = struct.field(pytree_node=False, default="float64")
 
     @property
     def num_timesteps(self) -> int:
@@ -73,6 +76,7 @@ class Diffusion:
             prediction=self.prediction,
             variance=self.variance,
             respacing=spacing,
+            arithmetic=self.arithmetic,
         )
 
     # -- the forward process -------------------------------------------------------------
@@ -259,12 +263,20 @@ def make_diffusion(
     prediction: str = "eps",
     variance: str = "fixed_small",
     respacing: str | int | None = None,
+    arithmetic: str = "float64",
 ) -> Diffusion:
     """A diffusion process over `num_timesteps` steps, optionally respaced.
 
-    `respacing` ("N", "N1,N2,..." or "ddimN") keeps a subsequence of the steps with the
-    betas recomputed so that q(x_t|x_0) is unchanged at every kept step.
+    `respacing` ("N", "N1,N2,...", "ddimN" or "unclipN") keeps a subsequence of the steps
+    with the betas recomputed so that q(x_t|x_0) is unchanged at every kept step.
+    `arithmetic` "float64" derives every coefficient from float64 betas before casting
+    (improved-diffusion's); "float32" computes them in float32 as diffusers' UnCLIPScheduler
+    steps do, from float32 betas (which moves the last step's posterior coefficient off 1
+    by ~1e-3, 1 - (1 - beta_0) cancelling in float32), so that a process read from an
+    UnCLIPScheduler config draws what diffusers draws.
     """
+    if arithmetic not in ARITHMETIC:
+        raise ValueError(f"unknown arithmetic {arithmetic!r}; expected one of {ARITHMETIC}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     if variance not in VARIANCES:
@@ -273,8 +285,25 @@ def make_diffusion(
     kept = list(range(num_timesteps))
     if respacing is not None:
         kept = schedules.space_timesteps(num_timesteps, respacing)
-        betas = schedules.respace_betas(betas, kept)
+    if arithmetic == "float32":
+        coefficients = _float32_coefficients(betas, kept)
+    else:
+        if respacing is not None:
+            betas = schedules.respace_betas(betas, kept)
+        coefficients = _float64_coefficients(betas)
+    return Diffusion(
+        **coefficients,
+        timestep_map=np.asarray(kept, dtype=np.int32),
+        schedule=schedule,
+        original_num_timesteps=num_timesteps,
+        prediction=prediction,
+        variance=variance,
+        arithmetic=arithmetic,
+    )
 
+
+def _float64_coefficients(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every coefficient from float64 betas (already respaced), cast to float32."""
     alphas_cumprod = np.cumprod(1.0 - betas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
@@ -302,14 +331,61 @@ def make_diffusion(
         / (1.0 - alphas_cumprod),
         "log_betas": np.log(betas),
     }
-    return Diffusion(
-        **{name: value.astype(np.float32) for name, value in coefficients.items()},
-        timestep_map=np.asarray(kept, dtype=np.int32),
-        schedule=schedule,
-        original_num_timesteps=num_timesteps,
-        prediction=prediction,
-        variance=variance,
+    return {name: value.astype(np.float32) for name, value in coefficients.items()}
+
+
+def _float32_coefficients(betas: np.ndarray, kept: list[int]) -> dict[str, np.ndarray]:
+    """The coefficients of the steps `kept` as diffusers' UnCLIPScheduler computes them in
+    its `step`: float32 throughout, alpha-bar the cumulative product of float32 1 - beta
+    as torch forms it, each kept step t going to the previous kept step (the first to
+    t - 1)."""
+    f32 = np.float32
+    betas = betas.astype(f32)
+    # torch's CPU cumprod accumulates float32 in float64, rounding each product to float32
+    alphas_cumprod = np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32)
+    one = f32(1)
+    rows = []
+    for i, t in enumerate(kept):
+        prev = kept[i - 1] if i else t - 1
+        a_t, a_prev = alphas_cumprod[t], alphas_cumprod[prev] if prev >= 0 else one
+        if prev == t - 1:
+            beta, alpha = betas[t], one - betas[t]
+        else:
+            beta = one - a_t / a_prev
+            alpha = one - beta
+        b_t, b_prev = one - a_t, one - a_prev
+        rows.append(
+            (
+                beta,
+                a_t,
+                a_prev,
+                b_t,
+                alpha,
+                b_prev / b_t * beta,
+                np.sqrt(a_prev) * beta / b_t,
+                np.sqrt(alpha) * b_prev / b_t,
+            )
+        )
+    beta, a_t, a_prev, b_t, alpha, variance, coef1, coef2 = (
+        np.asarray(column, f32) for column in zip(*rows, strict=True)
     )
+    clipped = np.append(variance[1], variance[1:]) if len(kept) > 1 else variance
+    sqrt_a = np.sqrt(a_t)
+    return {
+        "betas": beta,
+        "alphas_cumprod": a_t,
+        "alphas_cumprod_prev": a_prev,
+        "alphas_cumprod_next": np.append(a_t[1:], f32(0)),
+        "sqrt_alphas_cumprod": sqrt_a,
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(b_t),
+        "sqrt_recip_alphas_cumprod": one / sqrt_a,
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(b_t) / sqrt_a,
+        "posterior_variance": variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(clipped, f32(1e-20))),
+        "posterior_mean_coef1": coef1,
+        "posterior_mean_coef2": coef2,
+        "log_betas": np.log(beta),
+    }
 
 
 def threshold_x0(

@@ -54,39 +54,75 @@ def ddim_step(
     return x_prev + nonzero * sigma * noise, p.pred_x0
 
 
+# Explicit per-step noise: (S - 1, *x_T.shape) rows, row k for step k of S (k = 0 is the
+# noisiest; the last step adds none), or noise(k) -> an array shaped like x_T.
+StepNoise = jax.Array | Callable[[jax.Array], jax.Array]
+
+
 def sample(
     diffusion: Diffusion,
     model_fn: ModelFn,
     x_T: jax.Array,
-    rng: jax.Array,
+    rng: jax.Array | None,
     *,
     method: str = "ddpm",
     eta: float = 0.0,
     clip: float | None = None,
     dynamic_threshold: float | None = None,
+    noise: StepNoise | None = None,
+    final_model_fn: ModelFn | None = None,
 ) -> jax.Array:
     """Run the reverse process from x_T down to x_0 with `method` "ddpm" or "ddim".
 
-    `diffusion` may be respaced: the loop visits its steps, telling the model the original
-    timesteps. `rng` draws the per-step noise (unused by DDIM with eta = 0).
+    `diffusion` may be respaced: the loop visits its S steps, telling the model the original
+    timesteps. The noise each step adds (DDPM, DDIM with eta > 0) is by default drawn from
+    `fold_in(rng, t)`, t the step's index in `diffusion`; `noise` gives it instead, as
+    (S - 1, *x_T.shape) rows (row k for step k, k = 0 the noisiest; the last step adds
+    none) or as a function of k returning an array shaped like x_T, so that a sample can be
+    reproduced across implementations. `final_model_fn` replaces `model_fn` on the last
+    step (Karlo's super-resolution runs a second network there).
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")
-    batch = x_T.shape[0]
+    batch, steps = x_T.shape[0], diffusion.num_timesteps
+    draw = _step_noise(noise, rng, steps, x_T)
 
-    def step(x, index):
+    def step(x, k, fn):
+        index = steps - 1 - k
         t = jnp.full((batch,), index, dtype=jnp.int32)
-        output = model_fn(x, diffusion.model_timesteps(t))
-        noise = jax.random.normal(jax.random.fold_in(rng, index), x.shape, x.dtype)
+        output = fn(x, diffusion.model_timesteps(t))
+        z = draw(k, index, x)
         if method == "ddpm":
-            x, _ = ddpm_step(diffusion, output, x, t, noise, clip, dynamic_threshold)
+            x, _ = ddpm_step(diffusion, output, x, t, z, clip, dynamic_threshold)
         else:
-            x, _ = ddim_step(diffusion, output, x, t, noise, eta, clip, dynamic_threshold)
-        return x, None
+            x, _ = ddim_step(diffusion, output, x, t, z, eta, clip, dynamic_threshold)
+        return x
 
-    indices = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    x_0, _ = jax.lax.scan(step, x_T, indices)
-    return x_0
+    scanned = steps if final_model_fn is None else steps - 1
+    ks = jnp.arange(scanned, dtype=jnp.int32)
+    x, _ = jax.lax.scan(lambda x, k: (step(x, k, model_fn), None), x_T, ks)
+    if final_model_fn is not None:
+        x = step(x, jnp.int32(steps - 1), final_model_fn)
+    return x
+
+
+def _step_noise(noise: StepNoise | None, rng: jax.Array | None, steps: int, x_T: jax.Array):
+    """draw(k, t, x) -> the noise step k (index t) adds, as `sample` describes."""
+    if noise is None:
+        if rng is None:
+            raise ValueError("sample needs `rng` or explicit `noise`")
+        return lambda k, t, x: jax.random.normal(jax.random.fold_in(rng, t), x.shape, x.dtype)
+    if callable(noise):
+        return lambda k, t, x: jnp.asarray(noise(k), x.dtype).reshape(x.shape)
+    noise = jnp.asarray(noise)
+    if noise.shape != (steps - 1, *x_T.shape):
+        raise ValueError(
+            f"per-step noise of shape {noise.shape}; {steps} steps from x_T {x_T.shape} need "
+            f"{(steps - 1, *x_T.shape)} (none for the last step)"
+        )
+    if steps == 1:
+        return lambda k, t, x: jnp.zeros_like(x)
+    return lambda k, t, x: noise[jnp.minimum(k, steps - 2)].astype(x.dtype)
 
 
 def ddim_invert(

@@ -50,8 +50,16 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
     from 0 with the stride k that gives exactly N steps; otherwise a comma-separated list of
     counts splits [0, T) into equal sections and takes that many evenly spaced steps from
     each (a single "N" or an int N spreads N steps over the whole process, both ends kept).
+    "unclipN" takes diffusers' `UnCLIPScheduler` steps, round(i (T - 1) / (N - 1)) for
+    i < N (numpy's rounding, half to even), which "N" misses for some N (21 of 1000 steps).
     """
     spacing = str(spacing).strip()
+    if spacing.startswith("unclip"):
+        wanted = int(spacing[len("unclip") :])
+        if not 1 <= wanted <= num_timesteps:
+            raise ValueError(f"cannot take {wanted} UnCLIP steps from {num_timesteps}")
+        ratio = (num_timesteps - 1) / (wanted - 1) if wanted > 1 else 0.0
+        return sorted({int(t) for t in np.round(np.arange(wanted) * ratio)})
     if spacing.startswith("ddim"):
         wanted = int(spacing[len("ddim") :])
         for stride in range(1, num_timesteps):
@@ -62,7 +70,7 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
         section_counts = [int(part) for part in spacing.split(",")]
     except ValueError:
         raise ValueError(
-            f"bad timestep spacing {spacing!r}: expected 'ddimN', 'N' or 'N1,N2,...'"
+            f"bad timestep spacing {spacing!r}: expected 'ddimN', 'unclipN', 'N' or 'N1,N2,...'"
         ) from None
     size_per = num_timesteps // len(section_counts)
     extra = num_timesteps % len(section_counts)

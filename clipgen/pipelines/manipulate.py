@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipgen.diffusion import samplers
+from clipgen.pipelines.sampling_settings import Sampling
 from clipgen.pipelines.unclip import UnCLIP, normalize, progress_bar, stage_key, tick
-from clipgen.sampling import to_uint8
+from clipgen.sampling import decoder_model_fn, to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,35 @@ def slerp(a, b, t) -> np.ndarray:
     return (weight_a * a + weight_b * b).astype(np.float32)
 
 
+def invert(pipe: UnCLIP, x_0: jax.Array, cond: dict, sampling: Sampling | None = None) -> jax.Array:
+    """x_T that deterministic DDIM over `invert_respacing` decodes back to the decoder
+    images `x_0` (B, r, r, 3) in [-1, 1] under `cond` (one program, cached by the pipeline)."""
+    s = sampling or pipe.sampling
+    batch = x_0.shape[0]
+
+    def make():
+        diffusion = pipe.decoder.diffusion.respaced(s.invert_respacing)
+
+        def run(params, cond, x_0):
+            model_fn = decoder_model_fn(pipe.decoder.module, params, s.edit_guidance, cond)
+            iterations = s.invert_iterations
+            return samplers.ddim_invert(
+                diffusion, model_fn, x_0, clip=1.0, fixed_point_iterations=iterations
+            )
+
+        return jax.jit(run, out_shardings=pipe.batch_sharding(batch))
+
+    split = batch % len(pipe.devices) == 0
+    key = ("invert", split, s.invert_respacing, s.invert_iterations, s.edit_guidance)
+    return pipe.program(key, make)(pipe.decoder.params, *pipe.put((cond, x_0), batch))
+
+
 def invert_images(pipe: UnCLIP, images, bar=None) -> tuple[jax.Array, jax.Array]:
     """(z_i (B, D), x_T (B, r, r, 3)): CLIP image embeddings of uint8 images and the decoder
     latents that DDIM decodes back to the images at the decoder's resolution."""
     embeds = tick(pipe.encode_images(images), bar, "clip")
     x_0 = pipe.decoder_input(images)
-    x_T = pipe.invert(x_0, pipe.decoder_condition(embeds))
+    x_T = invert(pipe, x_0, pipe.decoder_condition(embeds))
     return embeds, tick(x_T, bar, "invert")
 
 

@@ -1,6 +1,8 @@
-"""How the unCLIP cascade samples: each diffusion stage's respacing, sampler, guidance and
-(for the prior) best-of-N, by stage name, and the manipulations' inversion settings. The
-defaults are the paper's; a trained cascade's stage configs bring their `sample` sections.
+"""How the unCLIP cascade samples: each diffusion stage's respacing, sampler, guidance (and
+its null), x0 clamp and (for the prior) best-of-N, by stage name, the cascade's embedding
+normalisation, and the manipulations' inversion settings. The defaults are the paper's and
+clipgen's own conventions; a trained cascade's stage configs bring their `sample` sections,
+a public pipeline folder its own conventions (clipgen.pipelines.public).
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import ml_collections
 
 from clipgen import stages
 
+GUIDANCE_NULLS = ("dropped", "empty_caption")
+
 
 @dataclasses.dataclass(frozen=True)
 class StageSampling:
-    """How one diffusion stage of the cascade samples: its respacing ("N" or "ddimN"), the
-    sampler ("ddpm" or "ddim") and DDIM's eta, the classifier-free guidance scale (1: none),
-    and for the prior the best-of-N draws and the x0 clamp of its latents (None: none)."""
+    """How one diffusion stage of the cascade samples: its respacing ("N", "ddimN", or
+    "unclipN": diffusers' UnCLIPScheduler timesteps), the sampler ("ddpm" or "ddim") and
+    DDIM's eta, the classifier-free guidance scale (1: none), for the prior the best-of-N
+    draws, the clamp of the x0 estimate (None: the stage's own: none for the prior's
+    latents, 1 for the decoder, the target range for an upsampler; inf: none), and the
+    guidance's null: "dropped", the null clipgen's stages train with (the prior: a zero text
+    embedding with every token masked; the decoder: the null image embedding and the text
+    masked out), or "empty_caption", Karlo's and Kandinsky's (the CLIP encodings of "";
+    for the decoder with the null image embedding)."""
 
     respacing: str
     method: str = "ddpm"
@@ -26,6 +36,11 @@ class StageSampling:
     guidance: float = 1.0
     best_of: int = 1
     clip: float | None = None
+    guidance_null: str = "dropped"
+
+    def __post_init__(self):
+        if self.guidance_null not in GUIDANCE_NULLS:
+            raise ValueError(f"guidance_null {self.guidance_null!r} is not one of {GUIDANCE_NULLS}")
 
 
 # The paper's (Table 3): prior 64 strided steps (ancestral, without Analytic-DPM's
@@ -44,7 +59,9 @@ _SAMPLE_KEYS = {
     "guidance_scale": "guidance",
     "best_of": "best_of",
     "clip_denoised": "clip",
+    "guidance_null": "guidance_null",
 }
+EMBED_NORMS = ("l2", "raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +69,10 @@ class Sampling:
     """How each stage samples (by stage name), and the manipulations' settings:
     `invert_*` and `edit_guidance` serve DDIM inversion and DDIM decoding over the
     decoder's `invert_respacing` process, both with the decoder guided by `edit_guidance`,
-    so that eta = 0 decodes an inverted image back to itself.
+    so that eta = 0 decodes an inverted image back to itself. `embed_norm` is the cascade's
+    convention for CLIP embeddings: "l2" (clipgen's: text and image embeddings, and the
+    prior's draws, scaled to unit norm) or "raw" (Karlo's and Kandinsky's: as CLIP projects
+    them and as the prior draws them).
 
     `generate(..., **overrides)` and `replace` take flat names: `<stage>_<field>` for a
     stage's StageSampling field (decoder_respacing="50", prior_guidance=4.0) and the
@@ -62,6 +82,11 @@ class Sampling:
     invert_respacing: str = "ddim50"
     invert_iterations: int = 2
     edit_guidance: float = 1.0
+    embed_norm: str = "l2"
+
+    def __post_init__(self):
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f"embed_norm {self.embed_norm!r} is not one of {EMBED_NORMS}")
 
     def __getitem__(self, stage: str) -> StageSampling:
         for name, settings in self.stages:

@@ -1,18 +1,21 @@
 """The unCLIP cascade behind one call: captions -> CLIP text encodings -> prior -> CLIP image
 embeddings -> decoder -> upsamplers -> images, and the pieces the manipulations reuse
-(CLIP image encoding, DDIM inversion with the decoder, decoding from given latents).
+(CLIP image encoding, the decoder's condition and programs, decoding from given latents).
 
 Each stage is one jitted program over the whole batch, its inputs sharded over a 1-D mesh
 of the pipeline's devices on the batch axis (replicated when the batch does not divide),
 the parameters replicated; every stage draws from its own key folded from the seed, so a
-result depends on the seed only, not on the devices. Conditioning follows the trainers:
-L2-normalised CLIP text and image embeddings, CLIP `text_hidden` token encodings with the
-tokenizer's mask (the prior and decoder trainers read the same from the embedding
-shards). The stages and their order come from the stage table (clipgen.stages), the
-modules from the builder layer (clipgen.build). The default sampling settings are the
-paper's (Table 3): prior 64 strided steps (ancestral, without Analytic-DPM's variances)
-keeping the best of 2, decoder 250 steps, upsamplers DDIM 27 and 15 steps; checkpoints
-bring their configs' `sample`.
+result depends on the seed only, not on the devices, unless the caller gives a stage its
+starting latents and per-step noise (`stages(..., latents=, noise=)`), e.g. to reproduce
+another implementation's sample. Conditioning is CLIP `text_hidden` token encodings with
+the tokenizer's mask and the CLIP embeddings, L2-normalised or raw as the cascade's
+conventions (`Sampling`) say: clipgen's trained stages read normalised ones from their
+embedding shards; Karlo and Kandinsky feed them raw, and guide against the empty caption
+rather than against a dropped text. The stages and their order come from the stage table
+(clipgen.stages), the modules from the builder layer (clipgen.build). The default sampling
+settings are the paper's (Table 3): prior 64 strided steps (ancestral, without
+Analytic-DPM's variances) keeping the best of 2, decoder 250 steps, upsamplers DDIM 27 and
+15 steps; checkpoints bring their configs' `sample`, public folders their own.
 """
 
 from __future__ import annotations
@@ -37,53 +40,36 @@ from clipgen.build import ClipModel, DiffusionModel
 from clipgen.data import preprocess
 from clipgen.diffusion import samplers
 from clipgen.models.clip import CLIP
-from clipgen.models.decoder import Decoder
-from clipgen.models.prior import PriorTransformer
+from clipgen.pipelines import public
+from clipgen.pipelines.common import (
+    Stages,
+    TextCondition,
+    explicit_inputs,
+    normalize,
+    progress_bar,
+    stage_key,
+    tick,
+)
+from clipgen.pipelines.fit import check_fit
 from clipgen.pipelines.sampling_settings import Sampling, StageSampling
-from clipgen.sampling import decoder_model_fn, sample_prior, sample_upsampler, to_uint8
-
-# Salts of the pipeline's own draws, beside each stage's (clipgen.stages).
-_SALT = {"render": 5, "noise": 6}
-
-
-@dataclasses.dataclass(frozen=True)
-class TextCondition:
-    """Captions as the prior and decoder read them (arrays lead with the batch)."""
-
-    input_ids: np.ndarray  # (B, L) int32 token ids
-    mask: np.ndarray  # (B, L) int32, 1 = a real token
-    embed: jax.Array  # (B, D) L2-normalised CLIP text embeddings
-    tokens: jax.Array  # (B, L, width) CLIP text_hidden encodings
-
-
-@dataclasses.dataclass(frozen=True)
-class Stages:
-    """Everything `UnCLIP.stages` computed: the text conditioning, the prior's image
-    embeddings and the image at each resolution of the cascade (float32 in [-1, 1])."""
-
-    captions: tuple[str, ...]
-    text: TextCondition
-    image_embed: jax.Array
-    images: tuple[jax.Array, ...]
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        return tuple(int(image.shape[1]) for image in self.images)
-
-    def uint8(self) -> tuple[np.ndarray, ...]:
-        """The image at each resolution as uint8 host arrays."""
-        return tuple(np.asarray(to_uint8(image)) for image in self.images)
+from clipgen.sampling import (
+    sample_decoder,
+    sample_prior,
+    sample_upsampler,
+    to_uint8,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class UnCLIP:
     """The cascade: CLIP, prior, decoder and upsamplers (in order), sampling settings and the
-    devices its programs run on. Build it with `from_configs`, `from_params` or
-    `load_pipeline`; `generate` and `stages` draw images from captions."""
+    devices its programs run on; a decoder of None leaves a prior-only cascade (Kandinsky
+    2.2's prior pipeline). Build it with `from_configs`, `from_params` or `load_pipeline`;
+    `generate` and `stages` draw images from captions."""
 
     clip: ClipModel
     prior: DiffusionModel
-    decoder: DiffusionModel
+    decoder: DiffusionModel | None
     upsamplers: tuple[DiffusionModel, ...] = ()
     sampling: Sampling = Sampling()
     devices: tuple[jax.Device, ...] = ()
@@ -94,20 +80,21 @@ class UnCLIP:
         devices = tuple(self.devices) or tuple(jax.devices())
         object.__setattr__(self, "devices", devices)
         object.__setattr__(self, "upsamplers", tuple(self.upsamplers))
-        self._check_shapes()
-        replicated = self.replicated
-        place = functools.partial(jax.device_put, device=replicated)
+        check_fit(self.clip, self.prior, self.decoder, self.upsamplers, self.upsampler_names)
+        place = functools.partial(jax.device_put, device=self.replicated)
         object.__setattr__(
             self, "clip", dataclasses.replace(self.clip, params=place(self.clip.params))
         )
+
+        def placed(stage: DiffusionModel) -> DiffusionModel:
+            last = stage.last_step_params
+            last = None if last is None else place(last)
+            return dataclasses.replace(stage, params=place(stage.params), last_step_params=last)
+
         for name in ("prior", "decoder"):
-            stage = getattr(self, name)
-            object.__setattr__(self, name, dataclasses.replace(stage, params=place(stage.params)))
-        object.__setattr__(
-            self,
-            "upsamplers",
-            tuple(dataclasses.replace(u, params=place(u.params)) for u in self.upsamplers),
-        )
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, placed(getattr(self, name)))
+        object.__setattr__(self, "upsamplers", tuple(placed(u) for u in self.upsamplers))
 
     # -- placement ------------------------------------------------------------------------
 
@@ -124,10 +111,11 @@ class UnCLIP:
         split = batch % len(self.devices) == 0
         return NamedSharding(self.mesh, PartitionSpec("data") if split else PartitionSpec())
 
-    def _put(self, tree: Any, batch: int) -> Any:
+    def put(self, tree: Any, batch: int) -> Any:
+        """`tree` placed for a program over `batch` examples (batch_sharding)."""
         return jax.device_put(tree, self.batch_sharding(batch))
 
-    def _program(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+    def program(self, key: tuple, make: Callable[[], Callable]) -> Callable:
         """The jitted program cached under `key` (settings that change its trace)."""
         if key not in self._programs:
             self._programs[key] = make()
@@ -147,111 +135,88 @@ class UnCLIP:
 
     @property
     def resolution(self) -> int:
-        """The size of the cascade's final images (before `output_resolution`)."""
-        return (self.upsamplers[-1] if self.upsamplers else self.decoder).resolution
-
-    def _check_shapes(self) -> None:
-        clip, tokenizer = self.clip.module, self.clip.tokenizer
-        problems = []
-        prior = self.prior.module
-        if isinstance(prior, PriorTransformer):
-            cfg = prior.config
-            expected = {
-                "embedding_dim": (cfg.embedding_dim, "projection_dim", clip.projection_dim),
-                "encoder_hidden_dim": (cfg.encoder_hidden_dim, "text width", clip.text.width),
-                "num_embeddings": (cfg.num_embeddings, "context length", tokenizer.context_length),
-            }
-            problems += [
-                f"prior {key} is {mine}, the CLIP's {what} is {theirs}"
-                for key, (mine, what, theirs) in expected.items()
-                if mine != theirs
-            ]
-        decoder = self.decoder.module
-        if isinstance(decoder, Decoder):
-            cfg = decoder.config
-            if cfg.clip_embed_dim != clip.projection_dim:
-                problems.append(
-                    f"decoder clip_embed_dim is {cfg.clip_embed_dim}, the CLIP's projection_dim "
-                    f"is {clip.projection_dim}"
-                )
-            if cfg.text_transformer is None and cfg.token_width != clip.text.width:
-                problems.append(
-                    f"decoder text_width is {cfg.token_width}, the CLIP text width is "
-                    f"{clip.text.width}"
-                )
-            glide = cfg.text_transformer
-            if glide is not None and glide.context_length != tokenizer.context_length:
-                problems.append(
-                    f"the decoder's text transformer reads {glide.context_length} tokens, the "
-                    f"CLIP tokenizer gives {tokenizer.context_length}"
-                )
-        if len(self.upsampler_names) < len(self.upsamplers):
-            problems.append(
-                f"{len(self.upsamplers)} upsamplers, but the stage table has "
-                f"{len(self.upsampler_names)} upsampler stages"
-            )
-        sizes = [self.decoder.resolution] + [u.resolution for u in self.upsamplers]
-        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
-            problems.append(f"the cascade's resolutions {sizes} do not increase")
-        if problems:
-            raise ValueError(
-                "the stages do not fit together: "
-                + "; ".join(problems)
-                + ". Train the prior and decoder on this CLIP's embeddings (their configs' "
-                "model dimensions must be the CLIP's)."
-            )
+        """The size of the cascade's final images (before `output_resolution`; 0: none)."""
+        last = self.upsamplers[-1] if self.upsamplers else self.decoder
+        return last.resolution if last is not None else 0
 
     # -- CLIP -----------------------------------------------------------------------------
 
-    def encode_text(self, captions: Sequence[str]) -> TextCondition:
-        """The CLIP text conditioning of captions (one program)."""
+    def encode_text(
+        self, captions: Sequence[str], sampling: Sampling | None = None
+    ) -> TextCondition:
+        """The CLIP text conditioning of captions (one program), the embeddings normalised
+        as `sampling` (default: the pipeline's) says."""
         ids, mask = self.clip.tokenizer.encode(list(captions))
         batch = len(ids)
+        norm = (sampling or self.sampling).embed_norm
 
         def make():
             def encode(params, ids, mask):
                 def both(module, ids, mask):
                     hidden = module.text_hidden(ids, mask)
                     embed = module.text_projection(module.text_tower.pool(hidden, ids))
-                    return normalize(embed), hidden.astype(jnp.float32)
+                    return normalize(embed, norm), hidden.astype(jnp.float32)
 
                 return self.clip.module.apply({"params": params}, ids, mask, method=both)
 
             return jax.jit(encode, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("text", batch % len(self.devices) == 0), make)
-        embed, tokens = program(self.clip.params, *self._put((ids, mask), batch))
+        program = self.program(("text", batch % len(self.devices) == 0, norm), make)
+        embed, tokens = program(self.clip.params, *self.put((ids, mask), batch))
         return TextCondition(ids, mask, embed, tokens)
 
     def encode_images(self, images: Sequence[np.ndarray] | np.ndarray) -> jax.Array:
-        """L2-normalised CLIP image embeddings (B, D) of uint8 images of any size."""
+        """CLIP image embeddings (B, D) of uint8 images of any size, normalised as the
+        pipeline's `sampling.embed_norm` says."""
+        if self.clip.module.vision is None:
+            raise ValueError("this cascade's CLIP has no image tower: it cannot encode images")
         size = self.clip.module.vision.image_size
         pixels = preprocess.clip_preprocess(list(images), size)
         batch = len(pixels)
+        norm = self.sampling.embed_norm
 
         def make():
             def encode(params, pixels):
                 embeds = self.clip.module.apply(
                     {"params": params}, pixels, method=CLIP.encode_image
                 )
-                return normalize(embeds)
+                return normalize(embeds, norm)
 
             return jax.jit(encode, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("image", batch % len(self.devices) == 0), make)
-        return program(self.clip.params, self._put(pixels, batch))
+        program = self.program(("image", batch % len(self.devices) == 0, norm), make)
+        return program(self.clip.params, self.put(pixels, batch))
 
     # -- the prior ------------------------------------------------------------------------
 
-    def sample_prior(self, text: TextCondition, seed: int, sampling: Sampling) -> jax.Array:
-        """L2-normalised CLIP image embeddings (B, D) drawn by the prior for `text`."""
+    def sample_prior(
+        self,
+        text: TextCondition,
+        seed: int,
+        sampling: Sampling,
+        *,
+        null: TextCondition | None = None,
+        x_T: jax.Array | None = None,
+        noise: samplers.StepNoise | None = None,
+    ) -> jax.Array:
+        """CLIP image embeddings (B, D) drawn by the prior for `text`, normalised as
+        `sampling.embed_norm` says; `null` is the empty caption's conditioning where the
+        prior's guidance null is "empty_caption" (computed when not given); `x_T` (B * best_of,
+        D) and `noise` fix the starting latents and each step's noise (samplers.sample)."""
         batch = len(text.input_ids)
         settings = sampling["prior"]
+        if settings.guidance_null == "empty_caption" and settings.guidance != 1.0:
+            null = null or self.encode_text([""] * batch, sampling)
+            uncond = {"text_embed": null.embed, "text_tokens": null.tokens}
+            uncond["text_mask"] = jnp.asarray(null.mask)
+        else:
+            uncond = None
+        x_T, steps, noise_fn = explicit_inputs(self.mesh, x_T, noise, batch)
 
         def make():
             diffusion = self.prior.diffusion.respaced(settings.respacing)
 
-            def draw(params, cond, rng):
+            def draw(params, cond, uncond, x_T, steps, rng):
                 embeds = sample_prior(
                     self.prior.module,
                     params,
@@ -263,18 +228,24 @@ class UnCLIP:
                     method=settings.method,
                     eta=settings.eta,
                     clip_denoised=settings.clip,
+                    uncond=uncond,
+                    x_T=x_T,
+                    noise=noise_fn or steps,
                 )
-                return normalize(embeds)
+                return normalize(embeds, sampling.embed_norm)
 
             return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
-        program = self._program(("prior", batch % len(self.devices) == 0, settings), make)
+        explicit = (x_T is None, steps is None, noise_fn, uncond is None)
+        key = ("prior", batch % len(self.devices) == 0, settings, sampling.embed_norm, explicit)
+        program = self.program(key, make)
         cond = {
             "text_embed": text.embed,
             "text_tokens": text.tokens,
             "text_mask": jnp.asarray(text.mask),
         }
-        return program(self.prior.params, self._put(cond, batch), stage_key(seed, "prior"))
+        cond, uncond = self.put((cond, uncond), batch)
+        return program(self.prior.params, cond, uncond, x_T, steps, stage_key(seed, "prior"))
 
     # -- the decoder ----------------------------------------------------------------------
 
@@ -308,10 +279,11 @@ class UnCLIP:
             }
         return dict(cond, image_embed=image_embed)
 
-    def _decoder_fn(self, params: Any, cond: dict[str, Any], guidance: float):
-        """model_fn(x_t, t) of the decoder, guided against the output with both the image
-        embedding and the text dropped (guidance 1: none)."""
-        return decoder_model_fn(self.decoder.module, params, guidance, cond)
+    def decoder_null(self, image_embed: jax.Array, null: TextCondition) -> dict[str, Any]:
+        """Karlo's guidance null for the decoder: the null image embedding with the empty
+        caption's conditioning `null` (the pipeline's guidance_null "empty_caption")."""
+        batch = image_embed.shape[0]
+        return dict(self.decoder_condition(image_embed, null), drop_image=jnp.ones((batch,), bool))
 
     def sample_decoder(
         self,
@@ -319,60 +291,43 @@ class UnCLIP:
         rng: jax.Array,
         settings: StageSampling,
         x_T: jax.Array | None = None,
+        *,
+        uncond: dict[str, Any] | None = None,
+        noise: samplers.StepNoise | None = None,
     ) -> jax.Array:
         """Decoder images (B, r, r, 3) in [-1, 1] for `decoder_condition`s, sampled as
-        `settings` say from `x_T` or noise drawn from `rng`."""
+        `settings` say from `x_T` or noise drawn from `rng`, guided against `uncond` (None:
+        image and text dropped; `decoder_null` gives Karlo's); `noise` fixes each step's."""
         batch = cond["image_embed"].shape[0]
-        size = self.decoder.resolution
-        method, eta, guidance = settings.method, settings.eta, settings.guidance
+        x_T, steps, noise_fn = explicit_inputs(self.mesh, x_T, noise, batch)
 
         def make():
             diffusion = self.decoder.diffusion.respaced(settings.respacing)
 
-            def draw(params, cond, x_T, rng):
-                noise_rng, step_rng = jax.random.split(rng)
-                if x_T is None:
-                    shape = (cond["image_embed"].shape[0], size, size, 3)
-                    x_T = jax.random.normal(noise_rng, shape)
-                model_fn = self._decoder_fn(params, cond, guidance)
-                return samplers.sample(
-                    diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=1.0
+            def draw(params, cond, uncond, x_T, steps, rng):
+                return sample_decoder(
+                    self.decoder.module,
+                    params,
+                    diffusion,
+                    cond,
+                    rng,
+                    self.decoder.resolution,
+                    guidance_scale=settings.guidance,
+                    method=settings.method,
+                    eta=settings.eta,
+                    x_T=x_T,
+                    noise=noise_fn or steps,
+                    uncond=uncond,
+                    clip=settings.clip,
                 )
 
             return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
-        key = ("decoder", batch % len(self.devices) == 0, settings, x_T is None)
-        program = self._program(key, make)
-        inputs = self._put((cond, x_T), batch)
-        return program(self.decoder.params, *inputs, rng)
-
-    def invert(
-        self, x_0: jax.Array, cond: dict[str, Any], sampling: Sampling | None = None
-    ) -> jax.Array:
-        """x_T that deterministic DDIM over `invert_respacing` decodes back to the decoder
-        images `x_0` (B, r, r, 3) in [-1, 1] under `cond` (one program)."""
-        s = sampling or self.sampling
-        batch = x_0.shape[0]
-
-        def make():
-            diffusion = self.decoder.diffusion.respaced(s.invert_respacing)
-
-            def invert(params, cond, x_0):
-                model_fn = self._decoder_fn(params, cond, s.edit_guidance)
-                return samplers.ddim_invert(
-                    diffusion,
-                    model_fn,
-                    x_0,
-                    clip=1.0,
-                    fixed_point_iterations=s.invert_iterations,
-                )
-
-            return jax.jit(invert, out_shardings=self.batch_sharding(batch))
-
+        explicit = (x_T is None, steps is None, noise_fn, uncond is None)
         split = batch % len(self.devices) == 0
-        key = ("invert", split, s.invert_respacing, s.invert_iterations, s.edit_guidance)
-        program = self._program(key, make)
-        return program(self.decoder.params, *self._put((cond, x_0), batch))
+        program = self.program(("decoder", split, settings, explicit), make)
+        cond, uncond = self.put((cond, uncond), batch)
+        return program(self.decoder.params, cond, uncond, x_T, steps, rng)
 
     def decoder_input(self, images: Sequence[np.ndarray] | np.ndarray) -> jax.Array:
         """uint8 images of any size -> the decoder's resolution (antialiased bicubic on the
@@ -384,66 +339,122 @@ class UnCLIP:
     # -- the upsamplers -------------------------------------------------------------------
 
     def upsample(
-        self, images: jax.Array, seed: int, sampling: Sampling, bar: tqdm | None = None
+        self,
+        images: jax.Array,
+        seed: int,
+        sampling: Sampling,
+        bar: tqdm | None = None,
+        *,
+        latents: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
     ) -> tuple[jax.Array, ...]:
-        """Each upsampler's output in turn from decoder images (B, r, r, 3) in [-1, 1]."""
+        """Each upsampler's output in turn from decoder images (B, r, r, 3) in [-1, 1];
+        `latents` and `noise` (by upsampler name) as `stages` takes them."""
         outputs = []
         batch = images.shape[0]
+        latents, noise = latents or {}, noise or {}
         for name, stage in zip(self.upsampler_names, self.upsamplers, strict=True):
             settings = sampling[name]
+            x_T, steps, noise_fn = explicit_inputs(
+                self.mesh, latents.get(name), noise.get(name), batch
+            )
 
-            def make(stage=stage, settings=settings):
+            def make(stage=stage, settings=settings, noise_fn=noise_fn):
                 diffusion = stage.diffusion.respaced(settings.respacing)
 
-                def draw(params, low_res, rng):
+                def draw(params, last, low, start, rows, draw_key):
                     return sample_upsampler(
                         stage.module,
                         params,
                         diffusion,
-                        low_res,
-                        rng,
+                        low,
+                        draw_key,
                         stage.resolution,
                         method=settings.method,
                         eta=settings.eta,
+                        x_T=start,
+                        noise=noise_fn or rows,
+                        clip=settings.clip,
+                        last_step_params=last,
                     )
 
                 return jax.jit(draw, out_shardings=self.batch_sharding(batch))
 
             split = batch % len(self.devices) == 0
-            key = (name, split, settings.respacing, settings.method, settings.eta)
-            program = self._program(key, make)
-            images = program(stage.params, self._put(images, batch), stage_key(seed, name))
+            key = (name, split, settings, x_T is None, steps is None, noise_fn)
+            program = self.program(key, make)
+            rng = stage_key(seed, name)
+            low_res = self.put(images, batch)
+            images = program(stage.params, stage.last_step_params, low_res, x_T, steps, rng)
             outputs.append(tick(images, bar, name))
         return tuple(outputs)
 
     # -- text to image --------------------------------------------------------------------
 
     def stages(
-        self, captions: Sequence[str], seed: int = 0, *, progress: bool = False, **overrides
+        self,
+        captions: Sequence[str],
+        seed: int = 0,
+        *,
+        progress: bool = False,
+        latents: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
+        **overrides,
     ) -> Stages:
         """Every intermediate of the cascade for `captions`; `overrides` are `Sampling`
-        fields (e.g. decoder_respacing="50", prior_guidance=4.0)."""
+        fields (e.g. decoder_respacing="50", prior_guidance=4.0).
+
+        `latents` and `noise` map stage names ("prior", "decoder", "upsampler", ...) to a
+        stage's starting latents (the prior's (B * best_of, D) in its latent space, an image
+        stage's (B, r, r, 3)) and the noise its S sampling steps add: (S - 1, *latents'
+        shape) rows, row k for step k (k = 0 the noisiest; the last step adds none), or a
+        function of k (a traced int32) giving one such array. A stage not named draws them
+        from `seed`, as it does by default."""
         if not captions:
             raise ValueError("stages() needs at least one caption")
+        latents, noise = dict(latents or {}), dict(noise or {})
+        named = {"prior", *(("decoder",) if self.decoder else ()), *self.upsampler_names}
+        if (set(latents) | set(noise)) - named:
+            unknown = sorted((set(latents) | set(noise)) - named)
+            raise ValueError(f"no stage {unknown} in this cascade; its stages: {sorted(named)}")
         sampling = self.sampling.replace(**overrides)
-        with progress_bar(progress, 3 + len(self.upsamplers), "unclip") as bar:
-            text = tick(self.encode_text(captions), bar, "clip")
-            image_embed = tick(self.sample_prior(text, seed, sampling), bar, "prior")
+        guided = [sampling[name] for name in ("prior", "decoder") if name in named]
+        empty = any(s.guidance_null == "empty_caption" and s.guidance != 1.0 for s in guided)
+        count = 2 + (self.decoder is not None) + len(self.upsamplers)
+        with progress_bar(progress, count, "unclip") as bar:
+            text = tick(self.encode_text(captions, sampling), bar, "clip")
+            null = self.encode_text([""] * len(captions), sampling) if empty else None
+            image_embed = self.sample_prior(
+                text, seed, sampling, null=null, x_T=latents.get("prior"), noise=noise.get("prior")
+            )
+            image_embed = tick(image_embed, bar, "prior")
+            if self.decoder is None:
+                return Stages(tuple(captions), text, image_embed, ())
+            settings = sampling["decoder"]
+            uncond = None
+            if settings.guidance_null == "empty_caption" and settings.guidance != 1.0:
+                uncond = self.decoder_null(image_embed, null)
             images = self.sample_decoder(
                 self.decoder_condition(image_embed, text),
                 stage_key(seed, "decoder"),
-                sampling["decoder"],
+                settings,
+                latents.get("decoder"),
+                uncond=uncond,
+                noise=noise.get("decoder"),
             )
             images = tick(images, bar, "decoder")
-            upsampled = self.upsample(images, seed, sampling, bar)
+            upsampled = self.upsample(images, seed, sampling, bar, latents=latents, noise=noise)
         return Stages(tuple(captions), text, image_embed, (images, *upsampled))
 
     def generate(
         self, captions: Sequence[str], seed: int = 0, *, progress: bool = False, **overrides
     ) -> np.ndarray:
-        """uint8 images (N, H, W, 3) at the final resolution (or `output_resolution`)."""
-        final = self.stages(captions, seed, progress=progress, **overrides).images[-1]
-        return self.finish(final)
+        """uint8 images (N, H, W, 3) at the final resolution (or `output_resolution`);
+        `overrides` as `stages` takes them (Sampling fields, `latents`, `noise`)."""
+        drawn = self.stages(captions, seed, progress=progress, **overrides).images
+        if not drawn:
+            raise ValueError("a prior-only cascade draws no images: use stages(...).image_embed")
+        return self.finish(drawn[-1])
 
     def finish(self, images: jax.Array) -> np.ndarray:
         """Final [-1, 1] images -> uint8 host arrays, resized to `output_resolution` if set."""
@@ -484,35 +495,6 @@ class UnCLIP:
         return (images, *self.upsample(images, seed, s, bar))
 
 
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def normalize(x: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm, float32."""
-    x = jnp.asarray(x, jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def stage_key(seed: int, stage: str) -> jax.Array:
-    """The key a stage (or the pipeline's "render" and "noise" draws) draws from for `seed`."""
-    salt = _SALT[stage] if stage in _SALT else stages.get(stage).salt
-    return jax.random.fold_in(jax.random.key(seed), salt)
-
-
-def progress_bar(enabled: bool | tqdm, total: int, desc: str):
-    """A tqdm bar over stages (disabled unless asked for)."""
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def tick(value: Any, bar: tqdm | None, stage: str) -> Any:
-    """Mark a stage done on the progress bar once its arrays are ready."""
-    if bar is not None and not bar.disable:
-        jax.block_until_ready(value)
-        bar.set_postfix_str(stage)
-        bar.update()
-    return value
-
-
 # -- building -----------------------------------------------------------------------------------
 
 
@@ -520,7 +502,7 @@ def from_params(
     *,
     clip: ClipModel,
     prior: DiffusionModel,
-    decoder: DiffusionModel,
+    decoder: DiffusionModel | None,
     upsamplers: Sequence[DiffusionModel] = (),
     sampling: Sampling | None = None,
     devices: Sequence[jax.Device] | None = None,
@@ -569,16 +551,28 @@ def from_configs(
     )
 
 
-def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any]) -> UnCLIP:
-    """The cascade trained in `settings.workdir`: a `clipgen train` run per stage of the
-    cascade (clipgen.stages: clip, prior, decoder, then upsampler and upsampler2 where
-    present) in the subdirectory of its name. Other settings (all optional): `preset` (the
-    configs of runs whose checkpoints store none), `resolution` (resize the final images;
-    0: as drawn), `sampling` (Sampling overrides; None values ignored)."""
+def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any] | str | Path) -> UnCLIP:
+    """The cascade in `settings.workdir` (or in the path given alone): a public diffusers
+    pipeline folder (one with a model_index.json: Karlo's UnCLIPPipeline, Kandinsky 2.2's
+    prior pipeline), with its own conventions (clipgen.pipelines.public), or a `clipgen
+    train` run per stage of the cascade (clipgen.stages: clip, prior, decoder, then
+    upsampler and upsampler2 where present) in the subdirectory of its name. Other settings
+    (all optional): `preset` (the configs of runs whose checkpoints store none),
+    `resolution` (resize the final images; 0: as drawn), `sampling` (Sampling overrides;
+    None values ignored)."""
+    if isinstance(settings, (str, Path)):
+        settings = {"workdir": str(settings)}
     settings = dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
     if not settings.get("workdir"):
         raise ValueError("the unclip generator needs `workdir`: the directory of the stage runs")
     workdir = Path(settings["workdir"])
+    sampling = {k: v for k, v in (settings.get("sampling") or {}).items() if v is not None}
+    resolution = int(settings.get("resolution") or 0) or None
+    if public.is_pipeline_folder(workdir):
+        parts = public.read_folder(workdir)
+        logging.info("%s cascade from %s", type(parts["prior"].module).__name__, workdir)
+        parts["sampling"] = parts["sampling"].replace(**sampling)
+        return from_params(**parts, output_resolution=resolution)
     preset = settings.get("preset") or "demo"
     configs, params, steps = {}, {}, {}
     for spec in stages.cascade():
@@ -590,7 +584,4 @@ def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any]) -> Un
         configs[spec.name], params[spec.name] = trained.config, trained.params
         steps[spec.name] = trained.step
     logging.info("unCLIP cascade from %s at steps %s", workdir, steps)
-    sampling = {k: v for k, v in (settings.get("sampling") or {}).items() if v is not None}
-    return from_configs(
-        configs, params, output_resolution=int(settings.get("resolution") or 0) or None, **sampling
-    )
+    return from_configs(configs, params, output_resolution=resolution, **sampling)

@@ -221,6 +221,28 @@ def load_clip(path: str | Path, dtype: Any = jnp.float32) -> tuple[CLIP, dict[st
     return module, params
 
 
+def load_clip_towers(
+    text_path: str | Path, vision_path: str | Path, dtype: Any = jnp.float32
+) -> tuple[CLIP, dict[str, Any]]:
+    """(module, params) of one CLIP from the separate towers a pipeline keeps (Kandinsky
+    2.2's `text_encoder`, a CLIPTextModelWithProjection, and `image_encoder`, a
+    CLIPVisionModelWithProjection), which must project to one width. The logit scale,
+    which neither holds, is CLIP's initial log(1 / 0.07)."""
+    text_module, text_params = load_clip(text_path, dtype)
+    vision_module, vision_params = load_clip(vision_path, dtype)
+    if text_module.text is None or vision_module.vision is None:
+        raise ValueError(f"{text_path} must hold a CLIP text tower and {vision_path} a vision one")
+    if text_module.projection_dim != vision_module.projection_dim:
+        raise ValueError(
+            f"the towers project to {text_module.projection_dim} ({text_path}) and "
+            f"{vision_module.projection_dim} ({vision_path}) dimensions; one CLIP needs one"
+        )
+    module = CLIP(vision_module.vision, text_module.text, text_module.projection_dim, dtype=dtype)
+    params = {**text_params["params"], **vision_params["params"]}
+    params["logit_scale"] = jnp.asarray(module.logit_scale_init, jnp.float32)
+    return module, {"params": params}
+
+
 def load_openai_clip(
     safetensors_path: str | Path,
     vision: VisionConfig | None,
