@@ -75,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from clipgen import images
+    from clipgen.data.image_input import read_image
     from clipgen.pipelines import manipulate, unclip
 
+    paths = [getattr(args, key, None) for key in ("image", "image_a", "image_b")]
+    inputs = {path: read_image(path) for path in paths if path}  # before anything loads
     keys = [f"{stage}_respacing" for stage in (*_diffusion_stages(), "invert")]
     keys += ["prior_guidance", "decoder_guidance", "prior_best_of"]
     overrides = {key: getattr(args, key) for key in keys}
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             pictures = pipe.generate(args.captions, args.seed, progress=True)
             labels = list(args.captions)
         elif args.command == "vary":
-            image = read_image(args.image)
+            image = inputs[args.image]
             rendered = manipulate.variations(
                 pipe, [image], args.seed, args.eta, count=args.count, progress=True
             )
@@ -96,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "interpolate":
             rendered = manipulate.interpolate(
                 pipe,
-                read_image(args.image_a),
-                read_image(args.image_b),
+                inputs[args.image_a],
+                inputs[args.image_b],
                 args.num,
                 args.seed,
                 fix_noise=not args.slerp_noise,
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "textdiff":
             rendered = manipulate.text_diff(
                 pipe,
-                read_image(args.image),
+                inputs[args.image],
                 args.caption_from,
                 args.caption_to,
                 _floats(args.thetas),
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             ks = [int(k) for k in _floats(args.ks)] if args.ks else _powers_of_two(dim)
             basis = _shapes_embeddings(pipe, args.basis_split, args.basis_count)
             rendered = manipulate.pca_probe(
-                pipe, read_image(args.image), basis, ks, args.seed, progress=True
+                pipe, inputs[args.image], basis, ks, args.seed, progress=True
             )
             pictures, labels = rendered.images, list(rendered.labels)
     except (ValueError, FileNotFoundError) as error:
@@ -136,15 +139,6 @@ def _diffusion_stages() -> list[str]:
     from clipgen import stages
 
     return [spec.name for spec in stages.cascade() if spec.role != "clip"]
-
-
-def read_image(path: str):
-    """A PNG (or any PIL-readable image) as uint8 RGB."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def _resized(pipe, image):

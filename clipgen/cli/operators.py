@@ -34,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from clipgen import images
-    from clipgen.cli.cascade import read_image
     from clipgen.data import preprocess
+    from clipgen.data.image_input import read_image
     from clipgen.pipelines import embed, unclip
     from clipgen.pipelines import operators as operator_pipeline
 
+    read = {path: read_image(path) for path in args.inputs if not path.endswith(".npz")}
     try:
         pipe = unclip.load_pipeline({"workdir": args.checkpoints, "preset": args.preset})
         run_dir = args.operator or Path(args.checkpoints) / "operators" / args.name
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 embeds = operator_pipeline.load_embeddings(path, operator)
                 pictures.append(operator_pipeline.render(pipe, embeds, args.seed)[0])
             else:
-                image = read_image(path)
+                image = read[path]
                 embeds = np.asarray(pipe.encode_images([image]))
                 pictures.append(preprocess.resize_and_crop(image, pipe.resolution))
             inputs.append(embeds)

@@ -16,16 +16,15 @@ of hosts.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from clipgen.data import pipeline, preprocess
+from clipgen.data.image_input import decode_image, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -85,8 +84,7 @@ class TfdsShapes:
         return example
 
 
-def _example(image: Image.Image, caption: str, index: int, resolutions) -> dict[str, Any]:
-    pixels = np.asarray(image.convert("RGB"))
+def _example(pixels: np.ndarray, caption: str, index: int, resolutions) -> dict[str, Any]:
     example = {f"image_{r}": preprocess.resize_and_crop(pixels, r) for r in resolutions}
     example["caption"] = caption.strip()
     example["id"] = index
@@ -116,9 +114,8 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.images[int(index)]
-        with Image.open(path) as image:
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8")
-            return _example(image, caption, int(index), self.resolutions)
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8")
+        return _example(read_image(path), caption, int(index), self.resolutions)
 
 
 class TarShards:
@@ -152,5 +149,5 @@ class TarShards:
         with tarfile.open(shard) as archive:
             caption = archive.extractfile(caption_info).read().decode("utf-8")
             data = archive.extractfile(image_info).read()
-        with Image.open(io.BytesIO(data)) as image:
-            return _example(image, caption, int(index), self.resolutions)
+        pixels = decode_image(data, f"{shard}:{image_info.name}")
+        return _example(pixels, caption, int(index), self.resolutions)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from clipgen import build, stages
 from clipgen.build import ClipModel, DiffusionModel
 from clipgen.data import preprocess
+from clipgen.data.image_input import to_rgb_batch
 from clipgen.diffusion import samplers
 from clipgen.models.clip import CLIP
 from clipgen.pipelines import public
@@ -166,12 +167,12 @@ class UnCLIP:
         return TextCondition(ids, mask, embed, tokens)
 
     def encode_images(self, images: Sequence[np.ndarray] | np.ndarray) -> jax.Array:
-        """CLIP image embeddings (B, D) of uint8 images of any size, normalised as the
-        pipeline's `sampling.embed_norm` says."""
+        """CLIP image embeddings (B, D) of images of any size and kind (read by
+        `image_input.to_rgb_batch`), normalised as the pipeline's `sampling.embed_norm` says."""
         if self.clip.module.vision is None:
             raise ValueError("this cascade's CLIP has no image tower: it cannot encode images")
         size = self.clip.module.vision.image_size
-        pixels = preprocess.clip_preprocess(list(images), size)
+        pixels = preprocess.clip_preprocess(to_rgb_batch(images), size)
         batch = len(pixels)
         norm = self.sampling.embed_norm
 
@@ -330,10 +331,10 @@ class UnCLIP:
         return program(self.decoder.params, cond, uncond, x_T, steps, rng)
 
     def decoder_input(self, images: Sequence[np.ndarray] | np.ndarray) -> jax.Array:
-        """uint8 images of any size -> the decoder's resolution (antialiased bicubic on the
-        short side, centre crop) in [-1, 1]."""
+        """Images of any size and kind (`image_input.to_rgb_batch`) -> the decoder's
+        resolution (antialiased bicubic on the short side, centre crop) in [-1, 1]."""
         size = self.decoder.resolution
-        resized = np.stack([preprocess.resize_and_crop(np.asarray(i), size) for i in images])
+        resized = np.stack([preprocess.resize_and_crop(i, size) for i in to_rgb_batch(images)])
         return jnp.asarray(resized, jnp.float32) / 127.5 - 1.0
 
     # -- the upsamplers -------------------------------------------------------------------
