@@ -25,6 +25,7 @@ from clipgen.checkpoint import Checkpointer
 from clipgen.data import pipeline, preprocess
 from clipgen.data.tokenizer import Tokenizer
 from clipgen.diffusion.gaussian import Diffusion, make_diffusion
+from clipgen.errors import InputError
 from clipgen.models.ar_prior import ARPrior, ARPriorConfig
 from clipgen.models.clip import CLIP, TextConfig, VisionConfig
 from clipgen.models.decoder import Decoder, DecoderConfig
@@ -211,20 +212,27 @@ class Trained:
 
 
 def restore(
-    run_dir: str | Path, default_config: Callable[[], ml_collections.ConfigDict] | None = None
+    run_dir: str | Path,
+    default_config: Callable[[], ml_collections.ConfigDict] | None = None,
+    stage: str | None = None,
 ) -> Trained:
-    """The newest checkpoint of a `clipgen train` run: its stored config (JSON lists turned
-    back into the tuples configs are written with), or `default_config()` for a checkpoint
-    that stores none, and its first EMA's parameters."""
+    """The newest readable checkpoint of a `clipgen train` run: its stored config (JSON
+    lists turned back into the tuples configs are written with), or `default_config()` for
+    a checkpoint that stores none, and its first EMA's parameters. With `stage` (the
+    cascade slot's name) errors name it, and a run whose trainer differs from
+    `default_config()`'s is refused."""
     directory = Path(run_dir) / "checkpoints"
+    what = f"the {stage} stage" if stage else "the run"
     if not directory.is_dir():
-        raise FileNotFoundError(
-            f"no checkpoints at {directory}: train the stage there first "
+        raise InputError(
+            f"{what}: no checkpoints at {directory}; train it there first "
             f"(clipgen train --config configs/<stage>.py:<preset> --workdir {run_dir})"
         )
     checkpointer = Checkpointer(directory)
     try:
         saved, ema, step = checkpointer.restore_for_inference()
+    except (InputError, FileNotFoundError) as error:
+        raise InputError(f"{what}: {error}") from None
     finally:
         checkpointer.close()
     if saved:
@@ -233,7 +241,13 @@ def restore(
         config = default_config()
         logging.warning("%s stores no config; using the %s preset", directory, config.stage)
     else:
-        raise ValueError(f"{directory} stores no config: give the preset it was trained with")
+        raise InputError(f"{directory} stores no config: give the preset it was trained with")
+    expected = default_config().stage if stage and default_config else None
+    if expected and config.get("stage") != expected:
+        raise InputError(
+            f"{what}: {directory} holds a {config.get('stage')!r} run, not a {expected!r} "
+            f"one; put the {stage} run in {run_dir}"
+        )
     return Trained(config, nn.meta.unbox(next(iter(ema.values()))), step)
 
 

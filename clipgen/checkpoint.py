@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 import clipgen
+from clipgen.errors import InputError
 
 # Config sections whose values fix the shapes of what a checkpoint holds.
 SHAPE_KEYS = ("model", "lora")
@@ -37,8 +38,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model than the one being restored."""
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint's contents differ from the checksums recorded when it was saved."""
+class CorruptCheckpointError(InputError):
+    """A checkpoint's contents differ from the checksums recorded when it was saved, or
+    no checkpoint of a run can be read."""
 
 
 # A train state: a dataclass (clipgen.train.state.TrainState) with a `step` and an `ema` field.

@@ -13,6 +13,12 @@ class InputError(ValueError):
     """A user's input cannot be used; the message says what, where and what to do."""
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (the messages of libraries it quotes may span
+    several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def output_directory(path: str | os.PathLike, flag: str = "--workdir") -> Path:
     """`path` as a directory that exists or can be created and written, checked before
     anything loads or compiles; InputError naming `flag` otherwise."""

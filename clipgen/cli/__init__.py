@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from clipgen.cli import cascade, evaluation, operators, training
 from clipgen.cli.config_args import load_config
-from clipgen.errors import InputError
+from clipgen.errors import InputError, one_line
 
 __all__ = ["load_config", "main", "run"]
 
@@ -77,7 +77,7 @@ def _main(argv: list[str]) -> int:
     try:
         return handlers[args.command](*([args, rest] if args.command in TAKES_CONFIG else [args]))
     except InputError as error:
-        print(f"clipgen {args.command}: {error}", file=sys.stderr)
+        print(f"clipgen {args.command}: {one_line(error)}", file=sys.stderr)
         return 2
 
 

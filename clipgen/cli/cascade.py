@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clipgen.errors import one_line
+
 COMMANDS = ("sample", "vary", "interpolate", "textdiff", "pca")
 
 
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             )
             pictures, labels = rendered.images, list(rendered.labels)
     except (ValueError, FileNotFoundError) as error:
-        print(f"clipgen {args.command}: {error}", file=sys.stderr)
+        print(f"clipgen {args.command}: {one_line(error)}", file=sys.stderr)
         return 2
     grid = images.grid(list(pictures), labels, columns=args.columns, cell=args.cell)
     print(f"wrote {images.save_png(args.out, grid)}")

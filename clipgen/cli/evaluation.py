@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from clipgen.cli.config_args import load_config
+from clipgen.errors import one_line
 
 
 def add_commands(commands) -> dict:
@@ -53,7 +54,7 @@ def _eval(workdir: str, args: Sequence[str]) -> int:
         parallel.initialize_distributed(config)
         report = run.evaluate(config, workdir)
     except (ValueError, FileNotFoundError) as error:
-        print(f"clipgen eval: {error}", file=sys.stderr)
+        print(f"clipgen eval: {one_line(error)}", file=sys.stderr)
         return 2
     for name, result in report["evals"].items():
         print(f"{name}: {result.get('metrics', 'skipped: ' + str(result.get('skipped')))}")
@@ -79,7 +80,7 @@ def _fid_stats(args: argparse.Namespace) -> int:
             save_features=args.save_features,
         )
     except (ValueError, FileNotFoundError) as error:
-        print(f"clipgen fid-stats: {error}", file=sys.stderr)
+        print(f"clipgen fid-stats: {one_line(error)}", file=sys.stderr)
         return 2
     print(run.describe_stats(args.out))
     return 0
@@ -91,7 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         out = convert_inception(args.pth, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"clipgen convert: {error}", file=sys.stderr)
+        print(f"clipgen convert: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

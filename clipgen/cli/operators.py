@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from clipgen.errors import one_line
+
 
 def add_commands(commands) -> dict:
     op = commands.add_parser(
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             pictures.append(operator_pipeline.render(pipe, baseline, args.seed)[0])
             labels.append("mean baseline")
     except (ValueError, FileNotFoundError) as error:
-        print(f"clipgen op: {error}", file=sys.stderr)
+        print(f"clipgen op: {one_line(error)}", file=sys.stderr)
         return 2
     grid = images.grid(pictures, labels, columns=len(pictures), cell=128)
     print(f"wrote {args.out}.npz and {images.save_png(f'{args.out}.png', grid)}")

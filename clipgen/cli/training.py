@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from clipgen.cli.config_args import load_config
-from clipgen.errors import output_directory
+from clipgen.errors import one_line, output_directory
 
 
 def add_commands(commands) -> dict:
@@ -61,7 +61,7 @@ def _demo(args: argparse.Namespace) -> int:
     except loop.Preempted as stop:
         print(f"clipgen demo: {stop}; run it again to resume", file=sys.stderr)
     except loop.NonFiniteError as error:
-        print(f"clipgen demo: {error}", file=sys.stderr)
+        print(f"clipgen demo: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -104,9 +104,9 @@ def _train(workdir: str, args: Sequence[str]) -> int:
     try:
         loop.train(config, workdir, stage, evaluators=evaluators)
     except loop.Preempted as stop:
-        print(f"clipgen train: {stop}", file=sys.stderr)
+        print(f"clipgen train: {one_line(stop)}", file=sys.stderr)
         return 0
     except loop.NonFiniteError as error:
-        print(f"clipgen train: {error}", file=sys.stderr)
+        print(f"clipgen train: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

@@ -45,12 +45,16 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
             return to_rgb(image, where)
     except InputError:
         raise
+    except Image.DecompressionBombError as error:
+        raise InputError(
+            f"image {where} is too large to decode safely ({error}); downscale it first"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(
             f"image {where} is not an image PIL can read ({len(data)} bytes starting "
             f"{data[:8]!r}); give a PNG, JPEG or another common format"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise InputError(
             f"image {where} is damaged or truncated ({type(error).__name__}: {error}); "
             "re-export or re-download it"

@@ -34,7 +34,7 @@ def run(
     """Embed the first `num_examples` of the shapes `split` in order with the CLIP trained
     in `clip_run` (its stored config; `default_config()` for a checkpoint that stores
     none); returns the directory of the shards."""
-    trained = build.restore(clip_run, default_config)
+    trained = build.restore(clip_run, default_config, "clip")
     config = trained.config
     clip = build.clip_model(config, trained.params)
     module, tokenizer = clip.module, clip.tokenizer
@@ -87,7 +87,7 @@ def run_operator(
     (clipgen.data.operator_data) with the CLIP trained in `clip_run`: `inputs` (N, D) and
     `target` (D,) image embeddings; for instruct also the word's token states and mask
     and the CLIP text embedding of the target's caption."""
-    trained = build.restore(clip_run, default_config)
+    trained = build.restore(clip_run, default_config, "clip")
     config = trained.config
     clip = build.clip_model(config, trained.params)
     module, tokenizer, params = clip.module, clip.tokenizer, clip.params

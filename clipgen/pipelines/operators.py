@@ -131,7 +131,7 @@ def from_trained(config: ml_collections.ConfigDict, params: Any) -> Operator:
 def load_operator(run_dir: str | Path) -> Operator:
     """The operator trained in `run_dir` (a `clipgen train --config configs/operator.py`
     run), from its newest checkpoint."""
-    trained = build.restore(run_dir)
+    trained = build.restore(run_dir, stage="operator")
     if trained.config.get("stage") != "operator":
         raise ValueError(f"{run_dir} holds a {trained.config.get('stage')!r} run, not an operator")
     return from_trained(trained.config, trained.params)

@@ -581,7 +581,7 @@ def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any] | str 
         if spec.role == "upsampler" and not (run_dir / "checkpoints").is_dir():
             logging.info("no %s run in %s: the cascade stops before it", spec.name, workdir)
             break
-        trained = build.restore(run_dir, functools.partial(spec.config, preset))
+        trained = build.restore(run_dir, functools.partial(spec.config, preset), spec.name)
         configs[spec.name], params[spec.name] = trained.config, trained.params
         steps[spec.name] = trained.step
     logging.info("unCLIP cascade from %s at steps %s", workdir, steps)
