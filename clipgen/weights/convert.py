@@ -139,10 +139,15 @@ def _safetensors_header(file: BinaryIO, size: int, path: Path) -> tuple[dict[str
             f"length come first); {_DAMAGED}"
         )
     (length,) = struct.unpack("<Q", file.read(8))
-    if length > min(size - 8, _MAX_HEADER):
+    if length > size - 8:
         raise InputError(
             f"{path}: the header length {length} runs past the end of the {size}-byte file "
             f"(truncated, or not safetensors); {_DAMAGED}"
+        )
+    if length > _MAX_HEADER:
+        raise InputError(
+            f"{path}: the header length {length} is beyond safetensors' limit of "
+            f"{_MAX_HEADER} bytes; {_DAMAGED}"
         )
     raw = file.read(length)
     try:
@@ -367,7 +372,8 @@ def fill_params(
         if not is_floating(tensor.dtype):
             not_float.append(named(key, str(tensor.dtype)))
             continue
-        values = tensor.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+            values = tensor.astype(np.float32)
         finite = np.isfinite(values)
         if not finite.all():
             bad = int(values.size - np.count_nonzero(finite))
