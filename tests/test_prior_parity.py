@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 from flax import linen as nn
 
+from clipgen.errors import InputError
 from clipgen.models.prior import PriorConfig, PriorTransformer, init_prior
 from clipgen.weights import load_prior
 
@@ -204,10 +205,10 @@ def test_missing_or_extra_key_is_refused(tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json does not exist"):
         load_prior(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "PriorTransformer"}))
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(InputError, match="no diffusion_pytorch_model.safetensors"):
         load_prior(tmp_path)
 
 

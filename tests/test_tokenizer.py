@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 
 from clipgen.data import shapes
 from clipgen.data.tokenizer import END, START, Tokenizer, byte_symbols
+from clipgen.errors import InputError
 
 TEXTS = [
     "a photo of a cat",
@@ -189,5 +190,5 @@ def test_tokenizer_json_alone_gives_the_ids_and_padding_of_transformers(
     expected = reference(TEXTS, truncation=True, max_length=77, padding="max_length")
     np.testing.assert_array_equal(ids, np.asarray(expected["input_ids"]))
     np.testing.assert_array_equal(mask, np.asarray(expected["attention_mask"]))
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(InputError, match="tokenizer.json"):
         Tokenizer.from_hf_directory(tmp_path / "missing")

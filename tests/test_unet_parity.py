@@ -15,6 +15,7 @@ import pytest
 import safetensors.numpy
 from flax import linen as nn
 
+from clipgen.errors import InputError
 from clipgen.models.clip import TextConfig
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
 from clipgen.models.unet import UNet, UNetConfig, init_unet
@@ -237,7 +238,7 @@ def test_unsupported_config_names_the_field(super_res_dirs, decoder_dir, tmp_pat
     decoder_root, _, _ = decoder_dir
     path = tmp_path / "decoder"
     shutil.copytree(decoder_root / "decoder", path)
-    with pytest.raises(FileNotFoundError, match="text_proj"):
+    with pytest.raises(InputError, match="text_proj"):
         load_unet(path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "only_cross_attention": True}))

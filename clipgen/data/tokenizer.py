@@ -18,6 +18,18 @@ import numpy as np
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from clipgen.data.json_input import (
+    NUMBER,
+    OBJECT,
+    STR,
+    Fields,
+    either,
+    list_of,
+    optional,
+    read_json_object,
+)
+from clipgen.errors import InputError
+
 START = "<|startoftext|>"
 END = "<|endoftext|>"
 CONTEXT_LENGTH = 77
@@ -82,9 +94,23 @@ def _openai_layout_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON file's object, {} when there is no file."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+_RESAVE = "fix it, or re-save the tokenizer with save_pretrained"
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt: a pair of symbols a line ("#" lines are comments)."""
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} cannot be read as UTF-8 text ({error}); {_RESAVE}") from None
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not line.startswith("#"):
+            merge = tuple(line.split())
+            if len(merge) != 2:
+                raise InputError(f"{path}: line {number} is not a merge of two symbols; {_RESAVE}")
+            merges.append(merge)
+    return merges
 
 
 def learn_merges(texts: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
@@ -177,11 +203,18 @@ class Tokenizer:
         """OpenAI's `bpe_simple_vocab_16e6.txt.gz` (a header line, then one merge per line):
         the vocabulary is the byte symbols, their word-final forms, the merges in order, then
         the start and end tokens, which gives OpenAI CLIP's ids."""
-        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as file:
+                lines = file.read().split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as error:
+            raise InputError(
+                f"{path} is not a readable gzipped BPE vocabulary ({type(error).__name__}: "
+                f"{error}); re-download OpenAI's bpe_simple_vocab_16e6.txt.gz"
+            ) from None
         merges = [tuple(line.split()) for line in lines[1 : max_merges + 1] if line.strip()]
         for number, merge in enumerate(merges, start=2):
             if len(merge) != 2:
-                raise ValueError(f"{path}: line {number} is not a merge of two symbols: {merge}")
+                raise InputError(f"{path}: line {number} is not a merge of two symbols: {merge}")
         return cls(_clip_pipeline(_bpe(_openai_layout_vocab(merges), merges)), context_length)
 
     @classmethod
@@ -193,37 +226,67 @@ class Tokenizer:
         read; the pipeline around them is CLIP's, as for the other sources). The pad token
         is `tokenizer_config.json`'s `pad_token` where it names one (Karlo's "!", id 0,
         which transformers then also matches whole in a text; its default is the end
-        token), else id 0. `context_length` None takes the directory's `model_max_length`."""
+        token), else id 0. `context_length` None takes the directory's `model_max_length`.
+        A missing, damaged or inconsistent file raises an InputError naming it."""
         path = Path(path)
-        settings = _read_json(path / "tokenizer_config.json")
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-            lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
-            merges = [
-                tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")
-            ]
+        config_path = path / "tokenizer_config.json"
+        settings = Fields(
+            read_json_object(config_path, "a tokenizer config", _RESAVE)
+            if config_path.exists()
+            else {},
+            str(config_path),
+            _RESAVE,
+        )
+        vocab_path, merges_path = path / "vocab.json", path / "merges.txt"
+        if vocab_path.is_file() and merges_path.is_file():
+            source = str(vocab_path)
+            vocab = read_json_object(vocab_path, "a BPE vocabulary (token -> id)", _RESAVE)
+            merges = _read_merges(merges_path)
         elif (path / "tokenizer.json").is_file():
-            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-            if model.get("type") != "BPE":
-                raise ValueError(
-                    f"{path}/tokenizer.json holds a {model.get('type')} model, not BPE"
-                )
-            vocab = model["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            source = str(path / "tokenizer.json")
+            tokenizer = Fields(
+                read_json_object(path / "tokenizer.json", "a tokenizers file", _RESAVE),
+                source,
+                _RESAVE,
+            )
+            model = tokenizer.section("model")
+            if model.raw("type") != "BPE":
+                raise model.error(f"holds a {model.raw('type')!r} model, not BPE")
+            vocab = model.get("vocab", {}, OBJECT)
+            merges = [
+                tuple(m.split()) if isinstance(m, str) else tuple(m)
+                for m in model.get("merges", [], list_of(either(STR, list_of(STR))))
+            ]
+            bad = next((m for m in merges if len(m) != 2), None)
+            if bad is not None:
+                model.fail("merges", f"has {list(bad)!r}, not a pair of symbols")
         else:
-            raise FileNotFoundError(
+            raise InputError(
                 f"{path} holds neither vocab.json + merges.txt nor tokenizer.json (an HF CLIP "
                 "tokenizer directory)"
             )
+        ids = [v for v in vocab.values() if not (isinstance(v, int) and not isinstance(v, bool))]
+        if ids or len(set(vocab.values())) != len(vocab):
+            what = f"the id {ids[0]!r}, not an integer" if ids else "an id twice"
+            raise InputError(f"{source}: the vocabulary holds {what}; {_RESAVE}")
         if context_length is None:
-            context_length = int(settings.get("model_max_length", CONTEXT_LENGTH))
-        pad = settings.get("pad_token")
+            length = settings.get("model_max_length", CONTEXT_LENGTH, NUMBER)
+            if length < 2:
+                settings.fail("model_max_length", f"is {length}; it must leave room for 2 tokens")
+            context_length = int(min(length, 2**31 - 1))
+        pad = settings.get("pad_token", None, optional(either(STR, OBJECT)))
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        backend = _clip_pipeline(_bpe(vocab, merges))
-        if isinstance(pad, str) and pad in vocab and pad not in (START, END):
-            backend.add_special_tokens([pad])  # as transformers does: "!" in a text is the pad
-        pad_id = vocab[pad] if isinstance(pad, str) and pad in vocab else 0
-        return cls(backend, context_length, pad_id)
+        try:
+            backend = _clip_pipeline(_bpe(vocab, merges))
+            if isinstance(pad, str) and pad in vocab and pad not in (START, END):
+                backend.add_special_tokens([pad])  # as transformers: "!" in a text is the pad
+            pad_id = vocab[pad] if isinstance(pad, str) and pad in vocab else 0
+            return cls(backend, context_length, pad_id)
+        except Exception as error:  # noqa: BLE001 - tokenizers' errors are not ValueErrors
+            raise InputError(
+                f"{path}: the tokenizer files do not make a CLIP BPE ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); {_RESAVE}"
+            ) from None
 
     @classmethod
     def train(

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from clipgen import build, stages
 from clipgen.data import embeddings, operator_data, preprocess, shapes, sources
+from clipgen.errors import InputError
 from clipgen.models.clip import CLIP
 
 
@@ -146,17 +147,22 @@ def ensure_embeddings(config: ml_collections.ConfigDict) -> None:
     """Write the embedding shards a stage reading them lacks (the splits of
     `config.data.num_examples` under `config.data.embeddings`) with the CLIP run in
     `config.data.clip_workdir`; refuse clearly when neither shards nor a CLIP run are there.
-    Does nothing for stages without shards or with synthetic ones."""
+    Shards already there are checked (their manifest, split and every shard's layout:
+    `embeddings.EmbeddingShards`), so damaged ones fail with an InputError naming the file
+    before anything compiles. Does nothing for stages without shards or with synthetic
+    ones."""
     data = config.get("data", {})
     if "embeddings" not in data or data.embeddings == "synthetic":
         return
     for split, count in data.num_examples.items():
         directory = embeddings.embedding_dir(data, split)
         if (directory / embeddings.MANIFEST).exists():
+            embeddings.EmbeddingShards(directory, split)
             continue
         if not data.get("clip_workdir"):
-            raise FileNotFoundError(
-                f"no embedding shards at {directory} and config.data.clip_workdir is empty: "
+            raise InputError(
+                f"no embedding shards at {directory} (no {embeddings.MANIFEST}) and "
+                "config.data.clip_workdir is empty: "
                 f"run `clipgen embed` for split {split!r} or name the CLIP run to embed with"
             )
         logging.info("embedding the %s split with the CLIP in %s", split, data.clip_workdir)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from clipgen.build import ClipModel, DiffusionModel
 from clipgen.data.tokenizer import Tokenizer
+from clipgen.errors import InputError
 from clipgen.models.clip import CLIP
 from clipgen.pipelines.sampling_settings import Sampling, StageSampling
 from clipgen.weights import load_clip, load_clip_towers, load_prior, load_scheduler, load_unet
@@ -54,7 +55,7 @@ def read_folder(path: str | Path) -> dict[str, Any]:
         return karlo(path, index)
     if kind == "KandinskyV22PriorPipeline":
         return kandinsky_prior(path, index)
-    raise ValueError(
+    raise InputError(
         f"{Path(path) / MODEL_INDEX}: a {kind}; clipgen reads UnCLIPPipeline (Karlo) and "
         "KandinskyV22PriorPipeline folders"
     )
@@ -76,7 +77,7 @@ def karlo(path: str | Path, index: dict[str, Any] | None = None) -> dict[str, An
     first, first_params = load_unet(first_dir)
     last, last_params = load_unet(_dir(path, index, "super_res_last", "UNet2DModel"))
     if last != first:
-        raise ValueError(
+        raise InputError(
             f"{path}: super_res_last's network differs from super_res_first's ({last} vs "
             f"{first}); clipgen switches parameters, not networks, on the last step"
         )
@@ -146,6 +147,12 @@ def _text_clip(path: str | Path, index: dict[str, Any], loaded: tuple[CLIP, Any]
     """The pipeline's tokenizer (context: its model_max_length, at most the text tower's)
     with a loaded CLIP."""
     module, params = loaded
+    if module.text is None:
+        text_dir = Path(path) / "text_encoder"
+        raise InputError(
+            f"{text_dir / 'config.json'} describes a CLIP without a text tower; the pipeline's "
+            "text_encoder must be a CLIPTextModelWithProjection"
+        )
     tokenizer = Tokenizer.from_hf_directory(_dir(path, index, "tokenizer", _TOKENIZERS), None)
     length = min(tokenizer.context_length, module.text.context_length)
     tokenizer = Tokenizer(tokenizer.backend, length, tokenizer.pad_id)

@@ -40,6 +40,7 @@ from clipgen.build import ClipModel, DiffusionModel
 from clipgen.data import preprocess
 from clipgen.data.image_input import to_rgb_batch
 from clipgen.diffusion import samplers
+from clipgen.errors import InputError
 from clipgen.models.clip import CLIP
 from clipgen.pipelines import public
 from clipgen.pipelines.common import (
@@ -573,7 +574,10 @@ def load_pipeline(settings: ml_collections.ConfigDict | Mapping[str, Any] | str 
         parts = public.read_folder(workdir)
         logging.info("%s cascade from %s", type(parts["prior"].module).__name__, workdir)
         parts["sampling"] = parts["sampling"].replace(**sampling)
-        return from_params(**parts, output_resolution=resolution)
+        try:
+            return from_params(**parts, output_resolution=resolution)
+        except ValueError as error:  # components that load but do not fit together
+            raise InputError(f"{workdir}: {error}") from None
     preset = settings.get("preset") or "demo"
     configs, params, steps = {}, {}, {}
     for spec in stages.cascade():

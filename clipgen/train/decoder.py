@@ -67,7 +67,7 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
             count, config.data.seed, model.clip_embed_dim, model.num_text_tokens, model.text_width
         )
     else:
-        train = embeddings.load_split(embeddings.embedding_dir(config.data, "train"), True)
+        train = embeddings.load_split(embeddings.embedding_dir(config.data, "train"), True, "train")
     module = build.module(config)
     resolution, seed = config.data.resolution, config.data.seed
     train_source = sources.open_source(
@@ -113,7 +113,7 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
 
     def preview(state) -> dict[str, np.ndarray]:
         params = next(iter(state.ema.values()))
-        arrays = embeddings.load_split(embeddings.embedding_dir(config.data, "test"), True)
+        arrays = embeddings.load_split(embeddings.embedding_dir(config.data, "test"), True, "test")
         cond = {k: v[:8] for k, v in sampling.decoder_condition(arrays).items()}
         truth = pipeline.renders("test", arrays["ids"][:8], resolution, seed)
         images = draw(params, cond, jax.random.key(0))

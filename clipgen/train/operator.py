@@ -155,12 +155,17 @@ def training_data(config: ml_collections.ConfigDict, spec: operators.OperatorSpe
             arrays["text_tokens"] = rng.standard_normal(shape).astype(np.float32)
             arrays["text_mask"] = np.ones((count, SYNTHETIC_TEXT_TOKENS), np.int32)
             arrays["target_text"] = rng.standard_normal((count, dim)).astype(np.float32)
+        if data.normalize:
+            arrays["inputs"] = _l2(arrays["inputs"])
+            arrays["target"] = _l2(arrays["target"])
     else:
-        shards = embeddings.EmbeddingShards(embeddings.embedding_dir(data, "train"))
+        shards = embeddings.EmbeddingShards(embeddings.embedding_dir(data, "train"), "train")
+        text_fields = ("text_tokens", "text_mask", "target_text") if spec.text else ()
+        shards.require(("inputs", "target", *text_fields), f"the {config.operator} operator")
         arrays = {k: v for k, v in shards.arrays().items() if k != "ids"}
-    if data.normalize:
-        arrays["inputs"] = _l2(arrays["inputs"])
-        arrays["target"] = _l2(arrays["target"])
+        if data.normalize:
+            arrays["inputs"] = shards.unit(arrays, "inputs")
+            arrays["target"] = shards.unit(arrays, "target")
     return {
         name: np.asarray(value, np.int32 if name == "text_mask" else np.float32)
         for name, value in arrays.items()

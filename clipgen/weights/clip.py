@@ -3,12 +3,13 @@
 open_clip state-dict layout, read from safetensors into clipgen's `CLIP` params.
 
 Loading is strict: every checkpoint tensor must land in a clipgen parameter and every
-parameter must be filled, with matching shapes; otherwise a ValueError names the keys.
+parameter must be filled, with matching, finite, floating-point values; otherwise an
+InputError names the file and the keys. A config field of the wrong type is an InputError
+naming the file and the field.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,8 +19,21 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from clipgen.data.json_input import (
+    INT,
+    NUMBER,
+    POSITIVE_INT,
+    STR,
+    Fields,
+    optional,
+    read_json_object,
+)
+from clipgen.errors import InputError
 from clipgen.models.clip import CLIP, TextConfig, VisionConfig, init_clip
-from clipgen.weights.convert import Rule, fill_params, norm_rules, read_safetensors
+from clipgen.weights.convert import Rule, fill_params, norm_rules, read_safetensors, read_weights
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # Buffers transformers and OpenAI store beside the weights; they hold no learned values.
 _HF_IGNORED_SUFFIXES = ("position_ids",)
@@ -30,56 +44,71 @@ _OPENAI_IGNORED_SUFFIXES = ("attn_mask",)
 # --- configs -------------------------------------------------------------------------------
 
 
-def _vision_from_hf(cfg: dict[str, Any]) -> VisionConfig:
-    return VisionConfig(
-        image_size=cfg.get("image_size", 224),
-        patch_size=cfg.get("patch_size", 32),
-        width=cfg.get("hidden_size", 768),
-        layers=cfg.get("num_hidden_layers", 12),
-        heads=cfg.get("num_attention_heads", 12),
-        mlp_dim=cfg.get("intermediate_size", 3072),
-        act=cfg.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-        channels=cfg.get("num_channels", 3),
+def _vision_from_hf(cfg: Fields) -> VisionConfig:
+    return _config(
+        VisionConfig,
+        cfg,
+        image_size=cfg.get("image_size", 224, POSITIVE_INT),
+        patch_size=cfg.get("patch_size", 32, POSITIVE_INT),
+        width=cfg.get("hidden_size", 768, POSITIVE_INT),
+        layers=cfg.get("num_hidden_layers", 12, POSITIVE_INT),
+        heads=cfg.get("num_attention_heads", 12, POSITIVE_INT),
+        mlp_dim=cfg.get("intermediate_size", 3072, POSITIVE_INT),
+        act=cfg.get("hidden_act", "quick_gelu", STR),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5, NUMBER),
+        channels=cfg.get("num_channels", 3, POSITIVE_INT),
     )
 
 
-def _text_from_hf(cfg: dict[str, Any]) -> TextConfig:
-    return TextConfig(
-        vocab_size=cfg.get("vocab_size", 49408),
-        context_length=cfg.get("max_position_embeddings", 77),
-        width=cfg.get("hidden_size", 512),
-        layers=cfg.get("num_hidden_layers", 12),
-        heads=cfg.get("num_attention_heads", 8),
-        mlp_dim=cfg.get("intermediate_size", 2048),
-        act=cfg.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-        eos_token_id=cfg.get("eos_token_id", 49407),
-        pad_token_id=cfg.get("pad_token_id", 1),
+def _text_from_hf(cfg: Fields) -> TextConfig:
+    return _config(
+        TextConfig,
+        cfg,
+        vocab_size=cfg.get("vocab_size", 49408, POSITIVE_INT),
+        context_length=cfg.get("max_position_embeddings", 77, POSITIVE_INT),
+        width=cfg.get("hidden_size", 512, POSITIVE_INT),
+        layers=cfg.get("num_hidden_layers", 12, POSITIVE_INT),
+        heads=cfg.get("num_attention_heads", 8, POSITIVE_INT),
+        mlp_dim=cfg.get("intermediate_size", 2048, POSITIVE_INT),
+        act=cfg.get("hidden_act", "quick_gelu", STR),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5, NUMBER),
+        eos_token_id=cfg.get("eos_token_id", 49407, INT),
+        pad_token_id=cfg.get("pad_token_id", 1, optional(INT)),
     )
+
+
+def _config(cls: type, cfg: Fields, **values: Any) -> Any:
+    """cls(**values), its own checks (heads dividing the width, ...) failing as InputErrors
+    naming the file."""
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise cfg.error(str(error)) from None
 
 
 def clip_config_from_hf(
-    config: dict[str, Any],
+    config: dict[str, Any], source: str = "config.json"
 ) -> tuple[VisionConfig | None, TextConfig | None, int, float]:
     """(vision, text, projection_dim, logit_scale_init) from a transformers CLIP config.json
     dict of model_type "clip", "clip_vision_model" or "clip_text_model"; missing fields take
-    transformers' defaults."""
-    model_type = config.get("model_type")
+    transformers' defaults, and a field of the wrong type raises an InputError naming
+    `source` (the file) and the field."""
+    fields = Fields(config, source)
+    model_type = fields.get("model_type", None, optional(STR))
     if model_type is None:
         model_type = "clip" if "vision_config" in config or "text_config" in config else ""
-    projection_dim = int(config.get("projection_dim", 512))
-    logit_scale_init = float(config.get("logit_scale_init_value", math.log(1 / 0.07)))
+    projection_dim = fields.get("projection_dim", 512, POSITIVE_INT)
+    logit_scale_init = float(fields.get("logit_scale_init_value", math.log(1 / 0.07), NUMBER))
     if model_type == "clip":
-        vision = config.get("vision_config") or config.get("vision_config_dict") or {}
-        text = config.get("text_config") or config.get("text_config_dict") or {}
+        vision = fields.section("vision_config", "vision_config_dict")
+        text = fields.section("text_config", "text_config_dict")
         return _vision_from_hf(vision), _text_from_hf(text), projection_dim, logit_scale_init
     if model_type == "clip_vision_model":
-        return _vision_from_hf(config), None, projection_dim, logit_scale_init
+        return _vision_from_hf(fields), None, projection_dim, logit_scale_init
     if model_type == "clip_text_model":
-        return None, _text_from_hf(config), projection_dim, logit_scale_init
-    raise ValueError(
-        f"config.json has model_type {model_type!r}; expected 'clip', 'clip_vision_model' or "
+        return None, _text_from_hf(fields), projection_dim, logit_scale_init
+    raise InputError(
+        f"{source} has model_type {model_type!r}; expected 'clip', 'clip_vision_model' or "
         "'clip_text_model' (a transformers CLIP checkpoint)"
     )
 
@@ -191,32 +220,33 @@ def _fill_clip(
     tensors: dict,
     ignored: Callable[[str], bool],
     source: str,
+    origins: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     abstract = jax.eval_shape(lambda rng: nn.meta.unbox(init_clip(module, rng)), jax.random.key(0))
     target = (
         f"CLIP(vision={module.vision}, text={module.text}, projection_dim={module.projection_dim})"
     )
-    return fill_params(abstract["params"], rules, tensors, ignored, source, target)
+    return fill_params(abstract["params"], rules, tensors, ignored, source, target, origins)
 
 
 def load_clip(path: str | Path, dtype: Any = jnp.float32) -> tuple[CLIP, dict[str, Any]]:
-    """(module, params) from a transformers CLIP directory (config.json, model.safetensors);
-    params are plain float32 arrays shaped like `nn.meta.unbox(init_clip(module, rng))`."""
+    """(module, params) from a transformers CLIP directory (config.json, model.safetensors
+    or a sharded checkpoint's model.safetensors.index.json); params are plain float32 arrays
+    shaped like `nn.meta.unbox(init_clip(module, rng))`. A damaged or mismatched directory
+    raises an InputError naming the file."""
     path = Path(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has no config.json (expected a save_pretrained directory)")
-    vision, text, projection_dim, logit_scale_init = clip_config_from_hf(
-        json.loads(config_path.read_text())
-    )
+    config = read_json_object(config_path, "a transformers CLIP config (save_pretrained)")
+    vision, text, projection_dim, logit_scale_init = clip_config_from_hf(config, str(config_path))
     module = CLIP(vision, text, projection_dim, logit_scale_init, dtype=dtype)
-    weights_path = path / "model.safetensors"
+    tensors, source, origins = read_weights(path, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     params = _fill_clip(
         module,
         _hf_rules(vision, text),
-        read_safetensors(weights_path),
+        tensors,
         lambda key: key.endswith(_HF_IGNORED_SUFFIXES),
-        str(weights_path),
+        source,
+        origins,
     )
     return module, params
 
@@ -231,9 +261,9 @@ def load_clip_towers(
     text_module, text_params = load_clip(text_path, dtype)
     vision_module, vision_params = load_clip(vision_path, dtype)
     if text_module.text is None or vision_module.vision is None:
-        raise ValueError(f"{text_path} must hold a CLIP text tower and {vision_path} a vision one")
+        raise InputError(f"{text_path} must hold a CLIP text tower and {vision_path} a vision one")
     if text_module.projection_dim != vision_module.projection_dim:
-        raise ValueError(
+        raise InputError(
             f"the towers project to {text_module.projection_dim} ({text_path}) and "
             f"{vision_module.projection_dim} ({vision_path}) dimensions; one CLIP needs one"
         )

@@ -8,12 +8,23 @@ pipelines clipgen assembles from them is `clipgen.pipelines.public`'s business.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from clipgen.data.json_input import (
+    BOOL,
+    NUMBER,
+    POSITIVE_INT,
+    STR,
+    Fields,
+    either,
+    list_of,
+    optional,
+    read_json_object,
+)
 from clipgen.diffusion.gaussian import Diffusion, make_diffusion
+from clipgen.errors import InputError
 
 MODEL_INDEX = "model_index.json"
 
@@ -31,14 +42,23 @@ _SCHEDULER_FIELDS = {
 
 
 def read_model_index(path: str | Path) -> dict[str, Any]:
-    """A pipeline folder's model_index.json: `_class_name` and component -> [library, class]."""
-    index = Path(path) / MODEL_INDEX
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"{path} has no {MODEL_INDEX} (expected a diffusers pipeline folder written by "
-            "save_pretrained)"
-        )
-    return json.loads(index.read_text())
+    """A pipeline folder's model_index.json: `_class_name` and component -> [library, class]
+    (or null for a component the pipeline was saved without); an InputError names the file
+    otherwise."""
+    index_path = Path(path) / MODEL_INDEX
+    index = read_json_object(
+        index_path,
+        "a diffusers pipeline folder's index (save_pretrained)",
+        fix="fix it, or re-save the pipeline with save_pretrained",
+    )
+    _index_fields(index, path).get("_class_name", None, STR)
+    return index
+
+
+def _index_fields(index: dict[str, Any], path: str | Path) -> Fields:
+    return Fields(
+        index, str(Path(path) / MODEL_INDEX), "fix it, or re-save the pipeline with save_pretrained"
+    )
 
 
 def component_dir(
@@ -46,16 +66,19 @@ def component_dir(
 ) -> Path:
     """The folder of component `name`, checked to hold one of `class_names` per the index."""
     allowed = (class_names,) if isinstance(class_names, str) else tuple(class_names)
-    entry = index.get(name)
+    entry = _index_fields(index, path).get(name, None, optional(list_of(optional(STR), 2)))
     if not entry or entry[-1] not in allowed:
         found = entry[-1] if entry else "nothing"
-        raise ValueError(
+        raise InputError(
             f"{Path(path) / MODEL_INDEX}: component {name!r} is {found}; clipgen reads "
             f"{' or '.join(allowed)} there"
         )
     directory = Path(path) / name
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is missing (model_index.json lists it)")
+        raise InputError(
+            f"{directory} is missing ({MODEL_INDEX} lists the component {name!r}, a "
+            f"{entry[-1]}): copy the whole pipeline folder, or re-save it with save_pretrained"
+        )
     return directory
 
 
@@ -72,48 +95,50 @@ class Scheduler:
 
 def load_scheduler(path: str | Path) -> Scheduler:
     """An `UnCLIPScheduler` folder (scheduler_config.json) as a clipgen process; anything
-    clipgen cannot express raises a ValueError naming the field."""
+    clipgen cannot read or express raises an InputError naming the file and the field."""
     config_path = Path(path) / "scheduler_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has no scheduler_config.json")
-    config = json.loads(config_path.read_text())
-    source = str(config_path)
-    if config.get("_class_name", "UnCLIPScheduler") != "UnCLIPScheduler":
-        raise ValueError(f"{source}: a {config['_class_name']}; clipgen reads UnCLIPScheduler")
+    config = read_json_object(config_path, "a diffusers UnCLIPScheduler config")
+    fields = Fields(config, str(config_path))
+    class_name = fields.get("_class_name", "UnCLIPScheduler", STR)
+    if class_name != "UnCLIPScheduler":
+        raise fields.error(f"a {class_name}; clipgen reads UnCLIPScheduler")
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _SCHEDULER_FIELDS)
     if unknown:
-        raise ValueError(f"{source}: scheduler fields clipgen does not know: {unknown}")
-    schedule = config.get("beta_schedule", "squaredcos_cap_v2")
-    prediction = config.get("prediction_type", "epsilon")
-    variance = config.get("variance_type", "fixed_small_log")
+        raise fields.error(f"scheduler fields clipgen does not know: {unknown}")
+    schedule = fields.get("beta_schedule", "squaredcos_cap_v2", STR)
+    prediction = fields.get("prediction_type", "epsilon", STR)
+    variance = fields.get("variance_type", "fixed_small_log", STR)
     for field, value, known in (
         ("beta_schedule", schedule, ("squaredcos_cap_v2",)),
         ("prediction_type", prediction, tuple(_PREDICTIONS)),
         ("variance_type", variance, tuple(_VARIANCES)),
     ):
         if value not in known:
-            raise ValueError(f"{source}: unsupported {field}={value!r}; clipgen reads {known}")
+            fields.fail(field, f"is {value!r}; clipgen reads {known}")
+    steps = fields.get("num_train_timesteps", 1000, POSITIVE_INT)
+    clipped = fields.get("clip_sample", True, BOOL)
+    clip_range = fields.get("clip_sample_range", 1.0, NUMBER)
+    if clip_range <= 0:
+        fields.fail("clip_sample_range", f"is {clip_range}; it must be positive")
     diffusion = make_diffusion(
         "cosine",  # squaredcos_cap_v2: s = 0.008, betas capped at 0.999
-        int(config.get("num_train_timesteps", 1000)),
+        steps,
         prediction=_PREDICTIONS[prediction],
         variance=_VARIANCES[variance],
         arithmetic="float32",  # the scheduler's own
     )
-    clipped = config.get("clip_sample", True)
-    return Scheduler(
-        diffusion, float(config.get("clip_sample_range", 1.0)) if clipped else math.inf
-    )
+    return Scheduler(diffusion, float(clip_range) if clipped else math.inf)
 
 
 def sample_size(path: str | Path) -> int:
     """A diffusers UNet folder's `sample_size` (the resolution it draws at)."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    size = config.get("sample_size")
-    if isinstance(size, (list, tuple)):
+    config_path = Path(path) / "config.json"
+    fields = Fields(read_json_object(config_path, "a diffusers model config"), str(config_path))
+    size = fields.get("sample_size", None, either(POSITIVE_INT, list_of(POSITIVE_INT, 1)))
+    if isinstance(size, list):
         if len(set(size)) != 1:
-            raise ValueError(f"{path}/config.json: non-square sample_size {size}")
+            fields.fail("sample_size", f"is {size}, not square; clipgen draws square images")
         size = size[0]
-    if not size:
-        raise ValueError(f"{path}/config.json gives no sample_size")
-    return int(size)
+    if size is None:
+        fields.fail("sample_size", "is missing; clipgen needs the resolution the UNet draws at")
+    return size

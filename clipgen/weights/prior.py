@@ -2,12 +2,13 @@
 diffusion_pytorch_model.safetensors), read into clipgen's `PriorTransformer` params.
 
 Loading is strict: every checkpoint tensor must land in a clipgen parameter and every
-parameter must be filled, with matching shapes; otherwise a ValueError names the keys.
+parameter must be filled, with matching, finite, floating-point values; otherwise an
+InputError names the file and the keys; so does a config field of the wrong type.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from clipgen.data.json_input import (
+    COUNT,
+    NUMBER,
+    POSITIVE_INT,
+    STR,
+    Fields,
+    optional,
+    read_json_object,
+)
+from clipgen.errors import InputError
 from clipgen.models.prior import (
     PriorConfig,
     PriorTransformer,
@@ -27,8 +38,8 @@ from clipgen.weights.convert import (
     fill_params,
     linear_rules,
     norm_rules,
-    read_safetensors,
     read_torch_state_dict,
+    read_weights,
 )
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -70,32 +81,38 @@ def _diffusers_rules(cfg: PriorConfig) -> list[Rule]:
     return rules
 
 
-def _read_weights(path: Path) -> tuple[dict[str, Any], str]:
-    """The checkpoint's tensors (one file, or the shards an index names) and their source."""
-    single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
-    if single.is_file():
-        return read_safetensors(single), str(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, Any] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(path / shard))
-        return tensors, str(index)
-    others = sorted(p.name for p in path.glob("diffusion_pytorch_model*"))
-    hint = (
-        f" (found {', '.join(others)}: clipgen reads safetensors only; re-save with "
-        "save_pretrained(..., safe_serialization=True))"
-        if others
-        else ""
-    )
-    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
+_PRIOR_KINDS = {
+    "int": POSITIVE_INT,
+    "float": NUMBER,
+    "str": STR,
+    "str | None": optional(STR),
+    "int | None": optional(POSITIVE_INT),
+}
+_PRIOR_COUNTS = {"additional_embeddings"}  # may be 0
+
+
+def prior_config(config: dict[str, Any], source: str = "config.json") -> PriorConfig:
+    """A PriorConfig from a diffusers `PriorTransformer` config.json dict, each field's type
+    checked (an InputError naming `source` and the field otherwise)."""
+    fields = Fields(config, source)
+    values = {}
+    for field in dataclasses.fields(PriorConfig):
+        if field.name == "encoder_hidden_dim" or field.name not in fields:
+            continue
+        kind = COUNT if field.name in _PRIOR_COUNTS else _PRIOR_KINDS[str(field.type)]
+        values[field.name] = fields.get(field.name, None, kind)
+    try:
+        return prior_config_from_diffusers(values)
+    except ValueError as error:
+        raise fields.error(str(error)) from None
 
 
 def load_prior(
     path: str | Path, dtype: Any = jnp.float32
 ) -> tuple[PriorTransformer, dict[str, Any]]:
     """(module, params) from a diffusers `PriorTransformer` directory (the one holding
-    config.json, e.g. a pipeline's `prior/`); params are plain float32 arrays.
+    config.json, e.g. a pipeline's `prior/`); params are plain float32 arrays. A damaged or
+    mismatched directory raises an InputError naming the file.
 
     `module.apply(params, hidden_states, timestep, proj_embedding, encoder_hidden_states,
     attention_mask)` then returns diffusers' `predicted_image_embedding`, and
@@ -104,18 +121,16 @@ def load_prior(
     """
     path = Path(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has no config.json (expected a save_pretrained directory)")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "a diffusers PriorTransformer config")
     class_name = config.get("_class_name", "PriorTransformer")
     if class_name != "PriorTransformer":
-        raise ValueError(
+        raise InputError(
             f"{config_path} describes a {class_name}, not a PriorTransformer (for a pipeline, "
             "pass its prior/ subfolder)"
         )
-    module = PriorTransformer(prior_config_from_diffusers(config), dtype=dtype)
-    tensors, source = _read_weights(path)
-    return module, _fill(module, tensors, source)
+    module = PriorTransformer(prior_config(config, str(config_path)), dtype=dtype)
+    tensors, source, origins = read_weights(path, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    return module, _fill(module, tensors, source, origins)
 
 
 def load_prior_state_dict(
@@ -133,7 +148,12 @@ def load_prior_state_dict(
     return _fill(module, tensors, str(path))
 
 
-def _fill(module: PriorTransformer, tensors: dict[str, Any], source: str) -> dict[str, Any]:
+def _fill(
+    module: PriorTransformer,
+    tensors: dict[str, Any],
+    source: str,
+    origins: dict[str, str] | None = None,
+) -> dict[str, Any]:
     abstract = jax.eval_shape(lambda rng: nn.meta.unbox(init_prior(module, rng)), jax.random.key(0))
     return fill_params(
         abstract["params"],
@@ -142,4 +162,5 @@ def _fill(module: PriorTransformer, tensors: dict[str, Any], source: str) -> dic
         lambda key: False,
         source,
         f"PriorTransformer({module.config})",
+        origins,
     )

@@ -20,13 +20,12 @@ pipeline's guidance batch (null image embedding first, then e) is `image_embed` 
 clipgen calls `Upsampler.apply(params, x_nhwc, t, low_nhwc)`, which does the resize itself.
 
 Loading is strict: every tensor must land in a parameter and every parameter be filled, with
-matching shapes, and any configuration value clipgen cannot express raises a ValueError
-naming the field.
+matching shapes and finite floating-point values, and any configuration value of the wrong
+type or that clipgen cannot express raises an InputError naming the file and the field.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,26 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from clipgen.data.json_input import (
+    BOOL,
+    NUMBER,
+    POSITIVE_INT,
+    STR,
+    Fields,
+    Kind,
+    either,
+    list_of,
+    optional,
+    read_json_object,
+)
+from clipgen.errors import InputError
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
 from clipgen.models.unet import UNet, UNetConfig, init_unet
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
-from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
+from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_weights
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 _RESNET_DOWN, _RESNET_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
 _ATTENTION_DOWN, _ATTENTION_UP = "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D"
@@ -99,20 +112,22 @@ _DECODER_FIXED = {
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
 }
+_PER_LEVEL_INT = either(POSITIVE_INT, list_of(POSITIVE_INT, 1))
+_BLOCKS = list_of(STR, 1)
 _DECODER_USED = {
-    "in_channels",
-    "out_channels",
-    "down_block_types",
-    "up_block_types",
-    "only_cross_attention",
-    "block_out_channels",
-    "layers_per_block",
-    "dropout",
-    "norm_num_groups",
-    "norm_eps",
-    "cross_attention_dim",
-    "attention_head_dim",
-    "time_embedding_dim",
+    "in_channels": POSITIVE_INT,
+    "out_channels": POSITIVE_INT,
+    "down_block_types": _BLOCKS,
+    "up_block_types": _BLOCKS,
+    "only_cross_attention": either(BOOL, list_of(BOOL, 1)),
+    "block_out_channels": list_of(POSITIVE_INT, 1),
+    "layers_per_block": _PER_LEVEL_INT,
+    "dropout": NUMBER,
+    "norm_num_groups": optional(POSITIVE_INT),
+    "norm_eps": NUMBER,
+    "cross_attention_dim": _PER_LEVEL_INT,
+    "attention_head_dim": either(optional(POSITIVE_INT), list_of(POSITIVE_INT, 1)),
+    "time_embedding_dim": optional(POSITIVE_INT),
 }
 
 _SUPER_RES_IGNORED = {
@@ -135,26 +150,26 @@ _SUPER_RES_FIXED = {
     "num_class_embeds": (None,),
 }
 _SUPER_RES_USED = {
-    "in_channels",
-    "out_channels",
-    "down_block_types",
-    "up_block_types",
-    "block_out_channels",
-    "layers_per_block",
-    "dropout",
-    "attention_head_dim",
-    "norm_num_groups",
-    "attn_norm_num_groups",
-    "norm_eps",
-    "add_attention",
-    "time_embedding_dim",
+    "in_channels": POSITIVE_INT,
+    "out_channels": POSITIVE_INT,
+    "down_block_types": _BLOCKS,
+    "up_block_types": _BLOCKS,
+    "block_out_channels": list_of(POSITIVE_INT, 1),
+    "layers_per_block": POSITIVE_INT,
+    "dropout": NUMBER,
+    "attention_head_dim": optional(POSITIVE_INT),
+    "norm_num_groups": optional(POSITIVE_INT),
+    "attn_norm_num_groups": optional(POSITIVE_INT),
+    "norm_eps": NUMBER,
+    "add_attention": BOOL,
+    "time_embedding_dim": optional(POSITIVE_INT),
 }
 
 _TEXT_PROJ_FIELDS = {
-    "clip_extra_context_tokens",
-    "clip_embeddings_dim",
-    "time_embed_dim",
-    "cross_attention_dim",
+    "clip_extra_context_tokens": POSITIVE_INT,
+    "clip_embeddings_dim": POSITIVE_INT,
+    "time_embed_dim": POSITIVE_INT,
+    "cross_attention_dim": POSITIVE_INT,
 }
 
 # diffusers' UnCLIPTextProjModel -> clipgen's Decoder "conditioning".
@@ -200,148 +215,157 @@ _UNET_PARTS = {
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{directory} has no config.json (expected a diffusers save_pretrained directory)"
-        )
-    return json.loads(config_path.read_text())
+    return read_json_object(directory / "config.json", "a diffusers model config (save_pretrained)")
 
 
 def _check_fields(
     config: dict[str, Any],
-    used: set[str],
+    used: dict[str, Kind],
     fixed: dict[str, tuple],
     ignored: set[str],
     source: str,
-) -> None:
+) -> Fields:
+    """The config as Fields, refused (InputError naming `source` and the field) if it has a
+    field clipgen does not know, a used field of the wrong kind, or a fixed field of another
+    value than those clipgen supports."""
+    fields = Fields(config, source)
     unknown = sorted(
-        key for key in config if not key.startswith("_") and key not in used | set(fixed) | ignored
+        key
+        for key in config
+        if not key.startswith("_") and key not in set(used) | set(fixed) | ignored
     )
     if unknown:
-        raise ValueError(f"{source}: config fields clipgen does not know: {', '.join(unknown)}")
+        raise fields.error(f"config fields clipgen does not know: {', '.join(unknown)}")
+    for field, kind in used.items():
+        fields.get(field, None, kind)
     for field, allowed in fixed.items():
         value = config.get(field, allowed[0])
-        if value not in allowed:
-            raise ValueError(
-                f"{source}: unsupported {field}={value!r}; clipgen supports {list(allowed)}"
-            )
+        if not any(_same(value, option) for option in allowed):
+            fields.fail(field, f"is {value!r}; clipgen supports {list(allowed)}")
+    return fields
 
 
-def _uniform(config: dict[str, Any], field: str, default: Any, levels: int, source: str) -> Any:
+def _same(value: Any, option: Any) -> bool:
+    """value == option, a boolean never equal to a number."""
+    return value == option and isinstance(value, bool) == isinstance(option, bool)
+
+
+def _uniform(fields: Fields, field: str, default: Any, levels: int) -> Any:
     """A field diffusers allows per level, required to be one value for all levels."""
-    value = config.get(field, default)
+    value = fields.raw(field, default)
     if isinstance(value, (list, tuple)):
         if len(value) != levels or len(set(value)) != 1:
-            raise ValueError(
-                f"{source}: {field}={value!r} varies by level; clipgen needs one value for all "
-                f"{levels} levels"
+            fields.fail(
+                field, f"is {value!r}, varying by level; clipgen needs one value for all {levels}"
             )
         value = value[0]
     return value
 
 
-def _channels(config: dict[str, Any], source: str) -> tuple[int, tuple[int, ...]]:
+def _channels(fields: Fields) -> tuple[int, tuple[int, ...]]:
     """(base channels, channel_mult) from block_out_channels."""
-    block_out = [int(c) for c in config["block_out_channels"]]
+    block_out = list(fields.raw("block_out_channels"))
     if any(c % block_out[0] for c in block_out):
-        raise ValueError(
-            f"{source}: block_out_channels {block_out} are not multiples of the first; "
-            "clipgen's UNet needs integer channel multipliers"
+        fields.fail(
+            "block_out_channels",
+            f"{block_out} are not multiples of the first; clipgen's UNet needs integer "
+            "channel multipliers",
         )
     return block_out[0], tuple(c // block_out[0] for c in block_out)
 
 
-def _unet_config(source: str, **fields: Any) -> UNetConfig:
+def _unet_config(fields: Fields, **values: Any) -> UNetConfig:
     try:
-        return UNetConfig(**fields)
+        return UNetConfig(**values)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise fields.error(str(error)) from None
 
 
 def decoder_config_from_diffusers(
-    unet_config: dict[str, Any], text_proj_config: dict[str, Any], source: str = "config.json"
+    unet_config: dict[str, Any],
+    text_proj_config: dict[str, Any],
+    source: str = "config.json",
+    text_proj_source: str = "text_proj config.json",
 ) -> DecoderConfig:
     """A clipgen DecoderConfig from the config.json dicts of a Karlo-style
-    `UNet2DConditionModel` and its `UnCLIPTextProjModel`."""
-    _check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
-    cfg = {**_DECODER_DEFAULTS, **unet_config}
-    down = list(cfg["down_block_types"])
-    up = list(cfg["up_block_types"])
+    `UNet2DConditionModel` (`source`) and its `UnCLIPTextProjModel` (`text_proj_source`);
+    anything clipgen cannot read or express raises an InputError naming the file and the
+    field."""
+    given = _check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
+    cfg = Fields({**_DECODER_DEFAULTS, **unet_config}, source)
+    down = list(cfg.raw("down_block_types"))
+    up = list(cfg.raw("up_block_types"))
     levels = len(down)
-    if len(up) != levels or len(cfg["block_out_channels"]) != levels:
-        raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
+    if len(up) != levels or len(cfg.raw("block_out_channels")) != levels:
+        raise given.error(
+            "down_block_types, up_block_types and block_out_channels differ in length"
+        )
     for field, blocks, allowed in (
         ("down_block_types", down, (_RESNET_DOWN, _ATTENTION_DOWN)),
         ("up_block_types", up, (_RESNET_UP, _ATTENTION_UP)),
     ):
         for block in blocks:
             if block not in allowed:
-                raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed}")
+                given.fail(field, f"has the unsupported entry {block!r}; use {allowed}")
     attended = [level for level in range(levels) if down[level] == _ATTENTION_DOWN]
     mirrored = [level for level in range(levels) if up[levels - 1 - level] == _ATTENTION_UP]
     if attended != mirrored:
-        raise ValueError(
-            f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
-            "UNet attends at the same resolutions on both paths"
+        given.fail(
+            "up_block_types",
+            f"{up} do not mirror down_block_types {down}; clipgen's UNet attends at the same "
+            "resolutions on both paths",
         )
-    if _uniform(cfg, "only_cross_attention", False, levels, source):
-        raise ValueError(f"{source}: unsupported only_cross_attention=True")
-    layers = _uniform(cfg, "layers_per_block", 2, levels, source)
-    head_dim = _uniform(cfg, "attention_head_dim", 8, levels, source)
-    cross_dim = _uniform(cfg, "cross_attention_dim", 1280, levels, source)
-    groups = cfg.get("norm_num_groups", 32)
-    eps = cfg.get("norm_eps", 1e-5)
+    if _uniform(cfg, "only_cross_attention", False, levels):
+        given.fail("only_cross_attention", "is true; clipgen supports false")
+    layers = _uniform(cfg, "layers_per_block", 2, levels)
+    head_dim = _uniform(cfg, "attention_head_dim", 8, levels)
+    cross_dim = _uniform(cfg, "cross_attention_dim", 1280, levels)
+    groups = cfg.raw("norm_num_groups", 32)
+    eps = cfg.raw("norm_eps", 1e-5)
     if groups is None:
-        raise ValueError(f"{source}: unsupported norm_num_groups=None")
+        given.fail("norm_num_groups", "is null; clipgen needs a group count")
     if head_dim is None:
-        raise ValueError(f"{source}: unsupported attention_head_dim=None")
+        given.fail("attention_head_dim", "is null; clipgen needs a head width")
     if eps != 1e-5:
         # diffusers' simple cross-attention layers normalise with eps 1e-5 whatever norm_eps says.
-        raise ValueError(f"{source}: unsupported norm_eps={eps}; clipgen supports 1e-05")
-    channels, mult = _channels(cfg, source)
+        given.fail("norm_eps", f"is {eps}; clipgen supports 1e-05")
+    channels, mult = _channels(cfg)
     for level in [*attended, levels - 1]:
         width = channels * mult[level]
         if width % head_dim:
-            raise ValueError(
-                f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
-            )
+            given.fail("attention_head_dim", f"{head_dim} does not divide the width {width}")
     unet = _unet_config(
-        source,
-        in_channels=cfg.get("in_channels", 4),
-        out_channels=cfg.get("out_channels", 4),
+        given,
+        in_channels=cfg.raw("in_channels", 4),
+        out_channels=cfg.raw("out_channels", 4),
         channels=channels,
         channel_mult=mult,
         num_res_blocks=layers,
         attention_resolutions=tuple(2**level for level in attended),
         mid_attention=True,
         head_channels=head_dim,
-        dropout=cfg.get("dropout", 0.0),
+        dropout=cfg.raw("dropout", 0.0),
         resblock_updown=True,
-        use_scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+        use_scale_shift_norm=cfg.raw("resnet_time_scale_shift", "default") == "scale_shift",
         norm_groups=groups,
         norm_eps=eps,
         attention_norm=True,
         encoder_dim=cross_dim,
-        time_embed_dim=cfg.get("time_embedding_dim"),
+        time_embed_dim=cfg.raw("time_embedding_dim"),
     )
 
-    proj = text_proj_config
-    _check_fields(proj, _TEXT_PROJ_FIELDS, {}, set(), f"{source} (text_proj)")
+    proj = _check_fields(text_proj_config, _TEXT_PROJ_FIELDS, {}, set(), text_proj_source)
     for field, expected in (
         ("time_embed_dim", unet.embed_dim),
         ("cross_attention_dim", cross_dim),
     ):
-        if proj.get(field) != expected:
-            raise ValueError(
-                f"text_proj config: {field}={proj.get(field)!r} does not match the decoder "
-                f"UNet's {expected}"
-            )
-    clip_dim = proj.get("clip_embeddings_dim", 768)
+        if proj.raw(field) != expected:
+            proj.fail(field, f"is {proj.raw(field)!r}; it must match the decoder UNet's {expected}")
+    clip_dim = proj.raw("clip_embeddings_dim", 768)
     return DecoderConfig(
         unet=unet,
         clip_embed_dim=clip_dim,
-        clip_extra_tokens=proj.get("clip_extra_context_tokens", 4),
+        clip_extra_tokens=proj.raw("clip_extra_context_tokens", 4),
         text_width=clip_dim,
         text_embed_dim=clip_dim,
     )
@@ -350,55 +374,57 @@ def decoder_config_from_diffusers(
 def super_res_config_from_diffusers(
     config: dict[str, Any], source: str = "config.json"
 ) -> UNetConfig:
-    """A clipgen UNetConfig from the config.json dict of a Karlo-style `UNet2DModel`."""
-    _check_fields(config, _SUPER_RES_USED, _SUPER_RES_FIXED, _SUPER_RES_IGNORED, source)
-    cfg = {**_SUPER_RES_DEFAULTS, **config}
+    """A clipgen UNetConfig from the config.json dict of a Karlo-style `UNet2DModel`;
+    anything clipgen cannot read or express raises an InputError naming the file and the
+    field."""
+    given = _check_fields(config, _SUPER_RES_USED, _SUPER_RES_FIXED, _SUPER_RES_IGNORED, source)
+    cfg = Fields({**_SUPER_RES_DEFAULTS, **config}, source)
     for field, allowed in (("down_block_types", _RESNET_DOWN), ("up_block_types", _RESNET_UP)):
-        for block in cfg[field]:
+        for block in cfg.raw(field):
             if block != allowed:
-                raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed!r}")
-    levels = len(cfg["down_block_types"])
-    if len(cfg["up_block_types"]) != levels or len(cfg["block_out_channels"]) != levels:
-        raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
-    channels, mult = _channels(cfg, source)
-    groups = cfg.get("norm_num_groups", 32)
+                given.fail(field, f"has the unsupported entry {block!r}; use {allowed!r}")
+    levels = len(cfg.raw("down_block_types"))
+    if len(cfg.raw("up_block_types")) != levels or len(cfg.raw("block_out_channels")) != levels:
+        raise given.error(
+            "down_block_types, up_block_types and block_out_channels differ in length"
+        )
+    channels, mult = _channels(cfg)
+    groups = cfg.raw("norm_num_groups", 32)
     if groups is None:
-        raise ValueError(f"{source}: unsupported norm_num_groups=None")
-    scale_shift = cfg.get("resnet_time_scale_shift", "default") == "scale_shift"
-    mid_attention = bool(cfg.get("add_attention", True))
+        given.fail("norm_num_groups", "is null; clipgen needs a group count")
+    scale_shift = cfg.raw("resnet_time_scale_shift", "default") == "scale_shift"
+    mid_attention = cfg.raw("add_attention", True)
     # diffusers' middle attention has a GroupNorm only with the "default" time embedding norm,
     # unless attn_norm_num_groups names one.
-    attention_groups = cfg.get("attn_norm_num_groups")
+    attention_groups = cfg.raw("attn_norm_num_groups")
     if attention_groups not in (None, groups):
-        raise ValueError(
-            f"{source}: unsupported attn_norm_num_groups={attention_groups}; clipgen supports "
-            f"None or norm_num_groups ({groups})"
+        given.fail(
+            "attn_norm_num_groups",
+            f"is {attention_groups}; clipgen supports null or norm_num_groups ({groups})",
         )
     attention_norm = attention_groups is not None or not scale_shift
     width = channels * mult[-1]
-    head_dim = cfg.get("attention_head_dim", 8) or width
+    head_dim = cfg.raw("attention_head_dim", 8) or width
     if mid_attention and width % head_dim:
-        raise ValueError(
-            f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
-        )
+        given.fail("attention_head_dim", f"{head_dim} does not divide the width {width}")
     return _unet_config(
-        source,
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
+        given,
+        in_channels=cfg.raw("in_channels", 3),
+        out_channels=cfg.raw("out_channels", 3),
         channels=channels,
         channel_mult=mult,
-        num_res_blocks=cfg.get("layers_per_block", 2),
+        num_res_blocks=cfg.raw("layers_per_block", 2),
         attention_resolutions=(),
         mid_attention=mid_attention,
         head_channels=head_dim,
-        dropout=cfg.get("dropout", 0.0),
+        dropout=cfg.raw("dropout", 0.0),
         resblock_updown=True,
         use_scale_shift_norm=scale_shift,
         norm_groups=groups,
-        norm_eps=cfg.get("norm_eps", 1e-5),
+        norm_eps=cfg.raw("norm_eps", 1e-5),
         attention_norm=attention_norm,
         encoder_dim=None,
-        time_embed_dim=cfg.get("time_embedding_dim"),
+        time_embed_dim=cfg.raw("time_embedding_dim"),
     )
 
 
@@ -447,12 +473,13 @@ def _abstract_params(init_fn: Any) -> dict[str, Any]:
     return abstract["params"]
 
 
-def _fill_unet(abstract: dict[str, Any], cfg: UNetConfig, weights: Path) -> dict[str, Any]:
+def _fill_unet(abstract: dict[str, Any], cfg: UNetConfig, directory: Path) -> dict[str, Any]:
     rules = unet_rules(abstract, len(cfg.channel_mult))
-    tensors = read_safetensors(weights)
-    return fill_params(abstract, rules, tensors, lambda key: False, str(weights), f"UNet {cfg}")[
-        "params"
-    ]
+    tensors, source, origins = read_weights(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    filled = fill_params(
+        abstract, rules, tensors, lambda key: False, source, f"UNet {cfg}", origins
+    )
+    return filled["params"]
 
 
 def load_unet(
@@ -461,6 +488,7 @@ def load_unet(
     text_proj_path: str | Path | None = None,
 ) -> tuple[Decoder | Upsampler | UNet, dict[str, Any]]:
     """(module, params) from a diffusers UNet directory; params are plain float32 arrays.
+    A damaged or mismatched directory raises an InputError naming the file.
 
     `UNet2DConditionModel` -> `Decoder`, its conditioning read from `text_proj_path`
     (default: the sibling directory `text_proj`, as in a Karlo pipeline folder);
@@ -471,31 +499,35 @@ def load_unet(
     config = _read_config(path)
     class_name = config.get("_class_name")
     source = str(path / "config.json")
-    weights = path / WEIGHTS_NAME
 
     if class_name == "UNet2DConditionModel":
         proj_dir = Path(text_proj_path) if text_proj_path is not None else path.parent / "text_proj"
         if not (proj_dir / "config.json").is_file():
-            raise FileNotFoundError(
+            raise InputError(
                 f"the decoder at {path} needs its UnCLIPTextProjModel: no config.json in "
                 f"{proj_dir}; pass text_proj_path"
             )
         proj_config = _read_config(proj_dir)
-        if proj_config.get("_class_name", "UnCLIPTextProjModel") != "UnCLIPTextProjModel":
-            raise ValueError(f"{proj_dir}/config.json is a {proj_config['_class_name']}")
-        decoder_config = decoder_config_from_diffusers(config, proj_config, source)
+        proj_source = str(proj_dir / "config.json")
+        proj_class = proj_config.get("_class_name", "UnCLIPTextProjModel")
+        if proj_class != "UnCLIPTextProjModel":
+            raise InputError(
+                f"{proj_source} describes a {proj_class!r}, not an UnCLIPTextProjModel"
+            )
+        decoder_config = decoder_config_from_diffusers(config, proj_config, source, proj_source)
         module = Decoder(decoder_config, dtype)
         size = decoder_config.unet.downsampling
         abstract = _abstract_params(lambda rng: init_decoder(module, rng, size))
-        unet_params = _fill_unet(abstract["unet"], decoder_config.unet, weights)
-        proj_weights = proj_dir / WEIGHTS_NAME
+        unet_params = _fill_unet(abstract["unet"], decoder_config.unet, path)
+        tensors, proj_weights, origins = read_weights(proj_dir, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
         conditioning = fill_params(
             abstract["conditioning"],
             _CONDITIONING_RULES,
-            read_safetensors(proj_weights),
+            tensors,
             lambda key: False,
-            str(proj_weights),
+            proj_weights,
             "Decoder conditioning (UnCLIPTextProjModel)",
+            origins,
         )["params"]
         return module, {"params": {"unet": unet_params, "conditioning": conditioning}}
 
@@ -506,12 +538,12 @@ def load_unet(
         if unet_config.in_channels % 2 == 0 and unet_config.out_channels in (half, 2 * half):
             module = Upsampler(UpsamplerConfig(unet_config, resize="bicubic"), dtype)
             abstract = _abstract_params(lambda rng: init_upsampler(module, rng, size, size))
-            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet_config, weights)}}
+            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet_config, path)}}
         module = UNet(unet_config, dtype)
         abstract = _abstract_params(lambda rng: init_unet(module, rng, size))
-        return module, {"params": _fill_unet(abstract, unet_config, weights)}
+        return module, {"params": _fill_unet(abstract, unet_config, path)}
 
-    raise ValueError(
+    raise InputError(
         f"{source}: _class_name {class_name!r} is not a UNet clipgen loads; expected "
         "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution)"
     )

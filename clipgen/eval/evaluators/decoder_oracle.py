@@ -35,7 +35,7 @@ class Evaluator(registry.StageEvaluator):
         options, data = self.settings, self.stage_config.data
         results = {}
         for split in options["splits"]:
-            arrays = embeddings.load_split(embeddings.embedding_dir(data, split), True)
+            arrays = embeddings.load_split(embeddings.embedding_dir(data, split), True, split)
             arrays = {k: v[: options["num_examples"]] for k, v in arrays.items()}
             source = pipeline.ProceduralShapes((), split, data.seed)
             scenes = [shapes.scene_from_json(source[int(i)]["scene"]) for i in arrays["ids"]]

@@ -56,7 +56,7 @@ class Evaluator(registry.StageEvaluator):
             )
         self.data = {}
         for split in self.settings["splits"]:
-            shards = embeddings.EmbeddingShards(embeddings.embedding_dir(stage.data, split))
+            shards = embeddings.EmbeddingShards(embeddings.embedding_dir(stage.data, split), split)
             arrays = shards.arrays()
             arrays = {k: v[: self.settings["num_examples"]] for k, v in arrays.items()}
             operator, seed = stage.data.operator, stage.data.seed

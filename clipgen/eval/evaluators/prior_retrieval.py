@@ -59,7 +59,7 @@ class Evaluator(registry.StageEvaluator):
         self._sample = lambda params, cond, rng: sampler(params=params, cond=cond, rng=rng)
         self.data = {
             split: embeddings.load_split(
-                embeddings.embedding_dir(stage.data, split), stage.data.normalize
+                embeddings.embedding_dir(stage.data, split), stage.data.normalize, split
             )
             for split in self.settings["splits"]
         }
