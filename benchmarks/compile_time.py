@@ -35,7 +35,7 @@ def main(argv: list[str]) -> list[dict]:
             config.model.scan = scan
             if "embeddings" in config.data:
                 config.data.embeddings = "synthetic"
-                config.data.num_examples = dict(train=8)
+                config.data.num_examples = dict(train=1024)  # the AR prior fits a PCA on them
             config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
             stage = train.trainer(config.stage).make_stage(config)
             start = time.perf_counter()

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> list[dict]:
             config[section][field] = value
         if "embeddings" in config.data:
             config.data.embeddings = "synthetic"  # the step's shapes only; no data is read
-            config.data.num_examples = dict(train=8)
+            config.data.num_examples = dict(train=1024)  # the AR prior fits a 319-dim PCA on them
         config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
         stage = train.trainer(config.stage).make_stage(config)
         start = time.perf_counter()

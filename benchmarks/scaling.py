@@ -53,7 +53,7 @@ def plan(name: str, target: dict, remat: bool, mfu: float, clip_tokenizer: str) 
         config.model.unet.remat = remat
     if "embeddings" in config.data:
         config.data.embeddings = "synthetic"
-        config.data.num_examples = dict(train=8)
+        config.data.num_examples = dict(train=1024)  # the AR prior fits a 319-dim PCA on them
     if config.stage == "clip" and not clip_tokenizer:
         config.data.tokenizer = "shapes"  # a small vocabulary: the token table is understated
     elif config.stage == "clip":
