@@ -10,13 +10,24 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Sinusoidal features of (possibly fractional) timesteps, [cos | sin] halves as in
-    ADM/GLIDE's `timestep_embedding`; shape (batch, dim)."""
+def timestep_embedding(
+    t: jax.Array,
+    dim: int,
+    max_period: float = 10_000.0,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+) -> jax.Array:
+    """Sinusoidal features of (possibly fractional) timesteps, shape (batch, dim): [cos | sin]
+    halves with frequencies max_period^(-k / half) as in ADM/GLIDE's `timestep_embedding`
+    (the defaults), or, as diffusers' `get_timestep_embedding` with its flip_sin_to_cos and
+    downscale_freq_shift, [sin | cos] and max_period^(-k / (half - freq_shift)) (the
+    original DDPM's: False, 1)."""
     half = dim // 2
-    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    frequencies = jnp.exp(-math.log(max_period) * exponent)
     angles = jnp.asarray(t, jnp.float32)[:, None] * frequencies[None, :]
-    features = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    halves = [jnp.cos(angles), jnp.sin(angles)]
+    features = jnp.concatenate(halves if flip_sin_to_cos else halves[::-1], axis=-1)
     if dim % 2:
         features = jnp.pad(features, ((0, 0), (0, 1)))
     return features

@@ -1,11 +1,13 @@
-"""Karlo's UNets from diffusers directories (`save_pretrained`: config.json and
+"""diffusers UNets (`save_pretrained` directories: config.json and
 diffusion_pytorch_model.safetensors) into clipgen modules.
 
 - `UNet2DConditionModel` (Karlo's decoder), together with the `UnCLIPTextProjModel` directory
   beside it, becomes a `Decoder` reading frozen CLIP text encodings.
-- `UNet2DModel` (Karlo's `super_res_first` / `super_res_last`) becomes an `Upsampler` with
-  diffusers' bicubic resize when its input holds an image and a low-resolution image
-  (in_channels = 2 x image channels), otherwise a plain `UNet`.
+- `UNet2DModel` (Karlo's `super_res_first` / `super_res_last`, or an unconditional DDPM such
+  as google/ddpm-celebahq-256, DiffusionCLIP's backbones; see `unet2d.py` for the layouts)
+  becomes an `Upsampler` with diffusers' bicubic resize when its input holds an image and a
+  low-resolution image (in_channels = 2 x image channels), otherwise a plain `UNet`, called
+  as `UNet.apply(params, x_nhwc, t)` where diffusers calls `unet(sample=x, timestep=t)`.
 
 Call convention (clipgen is NHWC, diffusers NCHW). Where the UnCLIP pipeline calls
     hidden, time_add = text_proj(image_embeddings=e, prompt_embeds=p,
@@ -26,7 +28,6 @@ naming the field.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
 from clipgen.models.unet import UNet, UNetConfig, init_unet
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
 from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
+from clipgen.weights.unet2d import (
+    channels,
+    check_fields,
+    make_unet_config,
+    read_config,
+    unet2d_config_from_diffusers,
+    uniform,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -53,12 +62,6 @@ _DECODER_DEFAULTS = {
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "block_out_channels": [320, 640, 1280, 1280],
 }
-_SUPER_RES_DEFAULTS = {
-    "down_block_types": ["DownBlock2D"] + ["AttnDownBlock2D"] * 3,
-    "up_block_types": ["AttnUpBlock2D"] * 3 + ["UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896],
-}
-
 _DECODER_IGNORED = {
     "sample_size",
     "downsample_padding",
@@ -115,41 +118,6 @@ _DECODER_USED = {
     "time_embedding_dim",
 }
 
-_SUPER_RES_IGNORED = {
-    "sample_size",
-    "downsample_padding",
-    "downsample_type",
-    "upsample_type",
-    "num_train_timesteps",
-}
-_SUPER_RES_FIXED = {
-    "center_input_sample": (False,),
-    "time_embedding_type": ("positional",),
-    "freq_shift": (0,),
-    "flip_sin_to_cos": (True,),
-    "mid_block_type": ("UNetMidBlock2D",),
-    "mid_block_scale_factor": (1,),
-    "act_fn": ("silu", "swish"),
-    "resnet_time_scale_shift": ("default", "scale_shift"),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-}
-_SUPER_RES_USED = {
-    "in_channels",
-    "out_channels",
-    "down_block_types",
-    "up_block_types",
-    "block_out_channels",
-    "layers_per_block",
-    "dropout",
-    "attention_head_dim",
-    "norm_num_groups",
-    "attn_norm_num_groups",
-    "norm_eps",
-    "add_attention",
-    "time_embedding_dim",
-}
-
 _TEXT_PROJ_FIELDS = {
     "clip_extra_context_tokens",
     "clip_embeddings_dim",
@@ -199,72 +167,12 @@ _UNET_PARTS = {
 # --- configs -------------------------------------------------------------------------------
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{directory} has no config.json (expected a diffusers save_pretrained directory)"
-        )
-    return json.loads(config_path.read_text())
-
-
-def _check_fields(
-    config: dict[str, Any],
-    used: set[str],
-    fixed: dict[str, tuple],
-    ignored: set[str],
-    source: str,
-) -> None:
-    unknown = sorted(
-        key for key in config if not key.startswith("_") and key not in used | set(fixed) | ignored
-    )
-    if unknown:
-        raise ValueError(f"{source}: config fields clipgen does not know: {', '.join(unknown)}")
-    for field, allowed in fixed.items():
-        value = config.get(field, allowed[0])
-        if value not in allowed:
-            raise ValueError(
-                f"{source}: unsupported {field}={value!r}; clipgen supports {list(allowed)}"
-            )
-
-
-def _uniform(config: dict[str, Any], field: str, default: Any, levels: int, source: str) -> Any:
-    """A field diffusers allows per level, required to be one value for all levels."""
-    value = config.get(field, default)
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels or len(set(value)) != 1:
-            raise ValueError(
-                f"{source}: {field}={value!r} varies by level; clipgen needs one value for all "
-                f"{levels} levels"
-            )
-        value = value[0]
-    return value
-
-
-def _channels(config: dict[str, Any], source: str) -> tuple[int, tuple[int, ...]]:
-    """(base channels, channel_mult) from block_out_channels."""
-    block_out = [int(c) for c in config["block_out_channels"]]
-    if any(c % block_out[0] for c in block_out):
-        raise ValueError(
-            f"{source}: block_out_channels {block_out} are not multiples of the first; "
-            "clipgen's UNet needs integer channel multipliers"
-        )
-    return block_out[0], tuple(c // block_out[0] for c in block_out)
-
-
-def _unet_config(source: str, **fields: Any) -> UNetConfig:
-    try:
-        return UNetConfig(**fields)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
-
-
 def decoder_config_from_diffusers(
     unet_config: dict[str, Any], text_proj_config: dict[str, Any], source: str = "config.json"
 ) -> DecoderConfig:
     """A clipgen DecoderConfig from the config.json dicts of a Karlo-style
     `UNet2DConditionModel` and its `UnCLIPTextProjModel`."""
-    _check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
+    check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
     cfg = {**_DECODER_DEFAULTS, **unet_config}
     down = list(cfg["down_block_types"])
     up = list(cfg["up_block_types"])
@@ -285,11 +193,11 @@ def decoder_config_from_diffusers(
             f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
             "UNet attends at the same resolutions on both paths"
         )
-    if _uniform(cfg, "only_cross_attention", False, levels, source):
+    if uniform(cfg, "only_cross_attention", False, levels, source):
         raise ValueError(f"{source}: unsupported only_cross_attention=True")
-    layers = _uniform(cfg, "layers_per_block", 2, levels, source)
-    head_dim = _uniform(cfg, "attention_head_dim", 8, levels, source)
-    cross_dim = _uniform(cfg, "cross_attention_dim", 1280, levels, source)
+    layers = uniform(cfg, "layers_per_block", 2, levels, source)
+    head_dim = uniform(cfg, "attention_head_dim", 8, levels, source)
+    cross_dim = uniform(cfg, "cross_attention_dim", 1280, levels, source)
     groups = cfg.get("norm_num_groups", 32)
     eps = cfg.get("norm_eps", 1e-5)
     if groups is None:
@@ -299,18 +207,18 @@ def decoder_config_from_diffusers(
     if eps != 1e-5:
         # diffusers' simple cross-attention layers normalise with eps 1e-5 whatever norm_eps says.
         raise ValueError(f"{source}: unsupported norm_eps={eps}; clipgen supports 1e-05")
-    channels, mult = _channels(cfg, source)
+    base, mult = channels(cfg, source)
     for level in [*attended, levels - 1]:
-        width = channels * mult[level]
+        width = base * mult[level]
         if width % head_dim:
             raise ValueError(
                 f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
             )
-    unet = _unet_config(
+    unet = make_unet_config(
         source,
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
-        channels=channels,
+        channels=base,
         channel_mult=mult,
         num_res_blocks=layers,
         attention_resolutions=tuple(2**level for level in attended),
@@ -327,7 +235,7 @@ def decoder_config_from_diffusers(
     )
 
     proj = text_proj_config
-    _check_fields(proj, _TEXT_PROJ_FIELDS, {}, set(), f"{source} (text_proj)")
+    check_fields(proj, _TEXT_PROJ_FIELDS, {}, set(), f"{source} (text_proj)")
     for field, expected in (
         ("time_embed_dim", unet.embed_dim),
         ("cross_attention_dim", cross_dim),
@@ -344,61 +252,6 @@ def decoder_config_from_diffusers(
         clip_extra_tokens=proj.get("clip_extra_context_tokens", 4),
         text_width=clip_dim,
         text_embed_dim=clip_dim,
-    )
-
-
-def super_res_config_from_diffusers(
-    config: dict[str, Any], source: str = "config.json"
-) -> UNetConfig:
-    """A clipgen UNetConfig from the config.json dict of a Karlo-style `UNet2DModel`."""
-    _check_fields(config, _SUPER_RES_USED, _SUPER_RES_FIXED, _SUPER_RES_IGNORED, source)
-    cfg = {**_SUPER_RES_DEFAULTS, **config}
-    for field, allowed in (("down_block_types", _RESNET_DOWN), ("up_block_types", _RESNET_UP)):
-        for block in cfg[field]:
-            if block != allowed:
-                raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed!r}")
-    levels = len(cfg["down_block_types"])
-    if len(cfg["up_block_types"]) != levels or len(cfg["block_out_channels"]) != levels:
-        raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
-    channels, mult = _channels(cfg, source)
-    groups = cfg.get("norm_num_groups", 32)
-    if groups is None:
-        raise ValueError(f"{source}: unsupported norm_num_groups=None")
-    scale_shift = cfg.get("resnet_time_scale_shift", "default") == "scale_shift"
-    mid_attention = bool(cfg.get("add_attention", True))
-    # diffusers' middle attention has a GroupNorm only with the "default" time embedding norm,
-    # unless attn_norm_num_groups names one.
-    attention_groups = cfg.get("attn_norm_num_groups")
-    if attention_groups not in (None, groups):
-        raise ValueError(
-            f"{source}: unsupported attn_norm_num_groups={attention_groups}; clipgen supports "
-            f"None or norm_num_groups ({groups})"
-        )
-    attention_norm = attention_groups is not None or not scale_shift
-    width = channels * mult[-1]
-    head_dim = cfg.get("attention_head_dim", 8) or width
-    if mid_attention and width % head_dim:
-        raise ValueError(
-            f"{source}: attention_head_dim {head_dim} does not divide the width {width}"
-        )
-    return _unet_config(
-        source,
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
-        channels=channels,
-        channel_mult=mult,
-        num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_resolutions=(),
-        mid_attention=mid_attention,
-        head_channels=head_dim,
-        dropout=cfg.get("dropout", 0.0),
-        resblock_updown=True,
-        use_scale_shift_norm=scale_shift,
-        norm_groups=groups,
-        norm_eps=cfg.get("norm_eps", 1e-5),
-        attention_norm=attention_norm,
-        encoder_dim=None,
-        time_embed_dim=cfg.get("time_embedding_dim"),
     )
 
 
@@ -427,6 +280,8 @@ def unet_rules(abstract_params: dict[str, Any], levels: int) -> list[Rule]:
     rules: list[Rule] = []
     for path, leaves in modules.items():
         key = ".".join([_diffusers_module(path[0], levels), *(_UNET_PARTS[p] for p in path[1:])])
+        if len(path) == 1 and path[0].endswith("_resample"):
+            key += ".conv"  # a convolution resampler: diffusers' Downsample2D / Upsample2D
         if "scale" in leaves:
             rules += norm_rules(key, path)
         elif len(leaves["kernel"].shape) == 4:
@@ -468,7 +323,7 @@ def load_unet(
     channels (out_channels or half of it), else `UNet`. See the module docstring for the
     call convention."""
     path = Path(path)
-    config = _read_config(path)
+    config = read_config(path)
     class_name = config.get("_class_name")
     source = str(path / "config.json")
     weights = path / WEIGHTS_NAME
@@ -480,7 +335,7 @@ def load_unet(
                 f"the decoder at {path} needs its UnCLIPTextProjModel: no config.json in "
                 f"{proj_dir}; pass text_proj_path"
             )
-        proj_config = _read_config(proj_dir)
+        proj_config = read_config(proj_dir)
         if proj_config.get("_class_name", "UnCLIPTextProjModel") != "UnCLIPTextProjModel":
             raise ValueError(f"{proj_dir}/config.json is a {proj_config['_class_name']}")
         decoder_config = decoder_config_from_diffusers(config, proj_config, source)
@@ -500,18 +355,19 @@ def load_unet(
         return module, {"params": {"unet": unet_params, "conditioning": conditioning}}
 
     if class_name == "UNet2DModel":
-        unet_config = super_res_config_from_diffusers(config, source)
-        size = unet_config.downsampling
-        half = unet_config.in_channels // 2
-        if unet_config.in_channels % 2 == 0 and unet_config.out_channels in (half, 2 * half):
-            module = Upsampler(UpsamplerConfig(unet_config, resize="bicubic"), dtype)
+        unet2d = unet2d_config_from_diffusers(config, source)
+        size = unet2d.downsampling
+        half = unet2d.in_channels // 2
+        if unet2d.in_channels % 2 == 0 and unet2d.out_channels in (half, 2 * half):
+            module = Upsampler(UpsamplerConfig(unet2d, resize="bicubic"), dtype)
             abstract = _abstract_params(lambda rng: init_upsampler(module, rng, size, size))
-            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet_config, weights)}}
-        module = UNet(unet_config, dtype)
+            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet2d, weights)}}
+        module = UNet(unet2d, dtype)
         abstract = _abstract_params(lambda rng: init_unet(module, rng, size))
-        return module, {"params": _fill_unet(abstract, unet_config, weights)}
+        return module, {"params": _fill_unet(abstract, unet2d, weights)}
 
     raise ValueError(
         f"{source}: _class_name {class_name!r} is not a UNet clipgen loads; expected "
-        "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution)"
+        "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution, "
+        "or an unconditional DDPM)"
     )
