@@ -43,16 +43,18 @@ def dot_product_attention(
     dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention: query (B, Lq, H, D), key and value
-    (B, Lk, H, D) -> (B, Lq, H * D). Scores are float32; `bias` (broadcastable to
-    (B, H, Lq, Lk)) is added to them, and where boolean `mask` is False they are set to the
-    finite float32 minimum (as transformers' eager attention: a fully masked row turns
-    uniform). The softmax weights are cast to `dtype` before they meet the values."""
+    (B, Lk, H, D) -> (B, Lq, H * D). Scores are float32 (float64 when `dtype` is); `bias`
+    (broadcastable to (B, H, Lq, Lk)) is added to them, and where boolean `mask` is False
+    they are set to the finite minimum of their type (as transformers' eager attention: a
+    fully masked row turns uniform). The softmax weights are cast to `dtype` before they
+    meet the values."""
     batch, length, heads, head_dim = query.shape
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / math.sqrt(head_dim)
+    score_dtype = jnp.promote_types(dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(score_dtype) / math.sqrt(head_dim)
     if bias is not None:
         scores = scores + bias
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     return attended.reshape(batch, length, heads * head_dim)

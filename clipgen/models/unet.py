@@ -359,7 +359,7 @@ class UNet(nn.Module):
 
         h = nn.silu(_group_norm(cfg, dtype, "norm_out")(h))
         h = _conv(cfg.out_channels, 3, dtype, "conv_out", zero_init=True)(h)
-        return h.astype(jnp.float32)
+        return h.astype(jnp.promote_types(dtype, jnp.float32))  # float64 stays float64
 
 
 def image_shape(image_size: int | tuple[int, int]) -> tuple[int, int]:
