@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
         gen_steps=6,  # S_gen, while fine-tuning
         test_steps=40,  # S_test, when editing
         mode="exact",  # or "efficient": an optimizer step at each of the S_gen steps
+        remat=True,  # exact mode: a jax.checkpoint per generation step
         clip_loss="official",  # -log((1 + cos) / 2); "paper": 1 - cos
         clip_weight=3.0,
         l1_weight=1.0,

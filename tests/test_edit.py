@@ -24,7 +24,7 @@ from clipgen.diffusion import gaussian
 from clipgen.diffusion.schedules import uniform_grid
 from clipgen.eval.evaluators import edit_oracle
 from clipgen.models.clip import CLIP, VisionConfig, init_clip
-from clipgen.models.unet import UNet, UNetConfig, init_unet
+from clipgen.models.unet import UNet, init_unet
 from clipgen.train import edit as edit_stage
 
 from sharded import assert_sharded_equals_one_device
@@ -109,17 +109,9 @@ def _noisy(tree, seed, dtype):
 
 
 def _tiny_models(dtype):
-    unet = UNet(
-        UNetConfig(
-            channels=8,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(2,),
-            head_channels=8,
-            norm_groups=4,
-        ),
-        dtype,
-    )
+    from test_unet_parity import _tiny_unet
+
+    unet = UNet(_tiny_unet(out_channels=3, encoder_dim=None, dropout=0.0), dtype)
     vision = VisionConfig(image_size=8, patch_size=4, width=16, layers=1, heads=2, mlp_dim=32)
     clip = CLIP(vision=vision, text=None, projection_dim=8, dtype=dtype)
     unet_shapes = jax.eval_shape(lambda k: nn.meta.unbox(init_unet(unet, k, 8)), jax.random.key(0))
@@ -307,3 +299,42 @@ def test_public_ddpm_layout_fine_tunes_with_lora_and_efficiently(tmp_path):
     out = editor.apply(inputs, [loaded], gamma=0.5)
     assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
     assert json.loads(loaded.config.to_json())["edit"]["source"] == "red"
+
+
+def test_clipgen_edit_fine_tunes_applies_and_combines(tmp_path):
+    """`clipgen edit` on a folder: fine-tune a tiny edit on its images, then apply the saved
+    edit at two strengths and combine it with itself over time; the edit_oracle evaluator
+    scores the fine-tuned parameters."""
+    from clipgen import images
+    from clipgen.cli import main
+    from clipgen.eval import registry
+    from clipgen.pipelines import edit as edit_pipeline
+
+    folder = tmp_path / "inputs"
+    for i, picture in enumerate(edit.shapes_with("red", "test", 2, 16)[0]):
+        images.save_png(folder / f"scene{i}.png", picture)
+    tune = ["edit", "--image", str(folder), "--source", "red", "--target", "blue"]
+    tune += ["--preset", "tiny", "--out", str(tmp_path / "tuned"), "--config.edit.epochs=1"]
+    assert main(tune) == 0
+    saved = tmp_path / "tuned" / "edit.safetensors"
+    assert saved.is_file() and (tmp_path / "tuned" / "grid.png").is_file()
+    assert len(list((tmp_path / "tuned" / "latents").glob("*.npy"))) == 2  # inverted once
+    out = tmp_path / "applied"
+    apply = ["edit", "--image", str(folder), "--edit", str(saved), "--gamma", "0.5", "1"]
+    assert main([*apply, "--out", str(out)]) == 0
+    assert (out / "scene0_red-blue_gamma0.5.png").is_file()
+    combine = ["edit", "--image", str(folder / "scene1.png"), "--out", str(tmp_path / "both")]
+    combine += ["--combine", f"{saved}:1,0.3", f"{saved}:0,0.7", "--thresholds", "200,0"]
+    assert main(combine) == 0
+    assert main([*combine[:5], "--combine", f"{saved}:1,0", "--thresholds", "0"]) == 2
+
+    found = edit_pipeline.load_edit(saved)
+    config = found.config
+    config.evals.oracle.update(num_examples=8, batch_size=8)
+    config.data.folder = ""  # scored on the shapes world's held-out scenes, not the inputs
+    evaluate = registry.training_evaluators(config)["oracle"]
+    state = type("State", (), {"ema": {"ema": found.params}, "params": found.params})
+    scores = evaluate(state)
+    keys = {"applied", "kept", "both", "kept_vs_input", "l1", "reconstruction_l1"}
+    assert {f"heldout/{key}" for key in keys | {"directional_cosine"}} <= set(scores)
+    assert all(0.0 <= scores[f"heldout/{key}"] <= 2.0 for key in keys)

@@ -105,7 +105,9 @@ def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_
     def exact(params, batch, rng, constants):
         del rng
         model_fn = backbone.model_fn(model_params(params, constants), batch.get("embed"))
-        edited = edit.generate(backbone.diffusion, model_fn, batch["latent"], t0, steps, remat=True)
+        edited = edit.generate(
+            backbone.diffusion, model_fn, batch["latent"], t0, steps, remat=settings.remat
+        )
         return terms(edited, batch["image"], constants)
 
     def efficient(params, batch, rng, constants):

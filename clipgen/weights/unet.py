@@ -42,6 +42,7 @@ from clipgen.models.unet import UNet, UNetConfig, init_unet
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
 from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_safetensors
 from clipgen.weights.unet2d import (
+    attention_levels,
     channels,
     check_fields,
     make_unet_config,
@@ -186,13 +187,7 @@ def decoder_config_from_diffusers(
         for block in blocks:
             if block not in allowed:
                 raise ValueError(f"{source}: unsupported {field} entry {block!r}; use {allowed}")
-    attended = [level for level in range(levels) if down[level] == _ATTENTION_DOWN]
-    mirrored = [level for level in range(levels) if up[levels - 1 - level] == _ATTENTION_UP]
-    if attended != mirrored:
-        raise ValueError(
-            f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
-            "UNet attends at the same resolutions on both paths"
-        )
+    attended = attention_levels(down, up, _ATTENTION_DOWN, _ATTENTION_UP, source)
     if uniform(cfg, "only_cross_attention", False, levels, source):
         raise ValueError(f"{source}: unsupported only_cross_attention=True")
     layers = uniform(cfg, "layers_per_block", 2, levels, source)

@@ -126,6 +126,22 @@ def make_unet_config(source: str, **fields: Any) -> UNetConfig:
         raise ValueError(f"{source}: {error}") from None
 
 
+def attention_levels(
+    down: list[str], up: list[str], attention_down: str, attention_up: str, source: str
+) -> list[int]:
+    """The levels whose down block is `attention_down`, which the up path must mirror with
+    `attention_up` blocks (clipgen's UNet attends at the same resolutions on both paths)."""
+    levels = len(down)
+    attended = [level for level in range(levels) if down[level] == attention_down]
+    mirrored = [level for level in range(levels) if up[levels - 1 - level] == attention_up]
+    if attended != mirrored:
+        raise ValueError(
+            f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
+            "UNet attends at the same resolutions on both paths"
+        )
+    return attended
+
+
 def _resampling(down: list[str], up: list[str], config: dict[str, Any], source: str) -> bool:
     """True when every level resamples inside a ResBlock, False when by convolutions."""
     kinds = set()
@@ -163,13 +179,7 @@ def unet2d_config_from_diffusers(config: dict[str, Any], source: str = "config.j
     if len(up) != levels or len(cfg["block_out_channels"]) != levels:
         raise ValueError(f"{source}: down_block_types, up_block_types, block_out_channels differ")
     resblock_updown = _resampling(down, up, cfg, source)
-    attended = [level for level in range(levels) if down[level] == _ATTN_DOWN]
-    mirrored = [level for level in range(levels) if up[levels - 1 - level] == _ATTN_UP]
-    if attended != mirrored:
-        raise ValueError(
-            f"{source}: up_block_types {up} do not mirror down_block_types {down}; clipgen's "
-            "UNet attends at the same resolutions on both paths"
-        )
+    attended = attention_levels(down, up, _ATTN_DOWN, _ATTN_UP, source)
     base, mult = channels(cfg, source)
     groups = cfg.get("norm_num_groups", 32)
     if groups is None:

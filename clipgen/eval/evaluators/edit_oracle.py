@@ -21,7 +21,7 @@ import numpy as np
 from clipgen import edit
 from clipgen.data import shapes
 from clipgen.data.preprocess import to_unit_range
-from clipgen.eval import registry
+from clipgen.eval import oracle, registry
 from clipgen.pipelines import edit as edit_pipeline
 
 
@@ -82,13 +82,18 @@ def judge(read: shapes.Scene, truth: shapes.Scene, changes: dict[str, str]) -> d
     return {"applied": bool(applied), "kept": bool(kept), "both": bool(applied and kept)}
 
 
+def readings(images: np.ndarray, resolution: int = 64) -> list[shapes.Scene]:
+    """The oracle's reading of each uint8 image (enlarged to `resolution` when smaller)."""
+    return [shapes.oracle(image) for image in oracle.enlarged(images, resolution)]
+
+
 def judge_all(
-    edited: np.ndarray, scenes: list[shapes.Scene], changes: dict[str, str]
+    edited: np.ndarray, scenes: list[shapes.Scene], changes: dict[str, str], resolution: int = 64
 ) -> dict[str, float]:
     """Mean applied / kept / both over uint8 edited images of these scenes."""
     verdicts = [
-        judge(shapes.oracle(image), scene, changes)
-        for image, scene in zip(edited, scenes, strict=True)
+        judge(read, scene, changes)
+        for read, scene in zip(readings(edited, resolution), scenes, strict=True)
     ]
     return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
 
@@ -101,6 +106,7 @@ class Evaluator(registry.StageEvaluator):
         "batch_size": 50,
         "seed": 0,
         "cache": "",
+        "oracle_resolution": 64,  # smaller images are enlarged (bicubic) before reading
     }
 
     def __init__(self, name, config, **kwargs):
@@ -125,10 +131,12 @@ class Evaluator(registry.StageEvaluator):
             edited.append(editor.apply(chunk, [found]))
             rebuilt.append(editor.reconstruct(chunk))
         edited, rebuilt = np.concatenate(edited), np.concatenate(rebuilt)
-        results = judge_all(edited, self.scenes, self.changes)
+        size = self.settings["oracle_resolution"]
+        results = judge_all(edited, self.scenes, self.changes, size)
+        before = readings(self.images, size)
         relative = [
-            judge(shapes.oracle(out), shapes.oracle(image), self.changes)["kept"]
-            for out, image in zip(edited, self.images, strict=True)
+            judge(after, read, self.changes)["kept"]
+            for after, read in zip(readings(edited, size), before, strict=True)
         ]
         results["kept_vs_input"] = float(np.mean(relative))
         inputs = to_unit_range(self.images)
@@ -138,8 +146,8 @@ class Evaluator(registry.StageEvaluator):
             np.mean(editor.direction_scores(self.images, edited, found))
         )
         truths = [
-            shapes.attribute_accuracy(shapes.oracle(image), scene)["whole"]
-            for image, scene in zip(self.images, self.scenes, strict=True)
+            shapes.attribute_accuracy(read, scene)["whole"]
+            for read, scene in zip(before, self.scenes, strict=True)
         ]
         results["oracle_inputs"] = float(np.mean(truths))
         split = self.settings["split"]
