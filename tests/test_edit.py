@@ -338,3 +338,29 @@ def test_clipgen_edit_fine_tunes_applies_and_combines(tmp_path):
     keys = {"applied", "kept", "both", "kept_vs_input", "l1", "reconstruction_l1"}
     assert {f"heldout/{key}" for key in keys | {"directional_cosine"}} <= set(scores)
     assert all(0.0 <= scores[f"heldout/{key}"] <= 2.0 for key in keys)
+
+
+def test_unet_stage_trains_on_a_folder_and_its_paper_preset_is_the_public_ddpm(tmp_path):
+    from clipgen import build, images
+    from clipgen.train import loop, unet
+
+    paper = config_lib.load_preset("unet", "paper")
+    shapes_of = jax.eval_shape(
+        lambda k: nn.meta.unbox(init_unet(build.module(paper), k, 256)), jax.random.key(0)
+    )
+    count = sum(leaf.size for leaf in jax.tree.leaves(shapes_of))
+    assert round(count / 1e6, 1) == 113.7  # google/ddpm-celebahq-256's 113.7M parameters
+
+    folder = tmp_path / "images"
+    for i, picture in enumerate(edit.shapes_with(None, "train", 3, 24)[0]):
+        images.save_png(folder / f"{i}.png", picture)
+    config = config_lib.load_preset("unet", "tiny")
+    config.data.folder = str(folder)
+    config.preview_every = 2
+    stage = unet.make_stage(config)
+    batch = next(stage.batches(0, 8))
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].min() >= -1.0
+    state = loop.train(config, tmp_path / "run", stage)
+    assert int(state.step) == 4 and np.isfinite(float(jax.device_get(state.step)))
+    preview = stage.preview(state)["samples"]
+    assert preview.shape == (1, 16, 16 * 8, 3) and preview.dtype == np.uint8
