@@ -298,6 +298,9 @@ def test_public_ddpm_layout_fine_tunes_with_lora_and_efficiently(tmp_path):
     inputs = edit.shapes_with("red", "heldout", 2, 32)[0]
     out = editor.apply(inputs, [loaded], gamma=0.5)
     assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
+    elsewhere = dataclasses.replace(loaded, base_fingerprint="0" * 24)
+    with pytest.raises(ValueError, match="fine-tuned from another model"):
+        editor.params_of(elsewhere)
     assert json.loads(loaded.config.to_json())["edit"]["source"] == "red"
 
 
@@ -329,6 +332,7 @@ def test_clipgen_edit_fine_tunes_applies_and_combines(tmp_path):
     assert main([*combine[:5], "--combine", f"{saved}:1,0", "--thresholds", "0"]) == 2
 
     found = edit_pipeline.load_edit(saved)
+    assert len(found.base_fingerprint) == 24
     config = found.config
     config.evals.oracle.update(num_examples=8, batch_size=8)
     config.data.folder = ""  # scored on the shapes world's held-out scenes, not the inputs

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if args.source is not None:
             names = files.read_images(args.image)[0]
             config = fine_tune_config(args, overrides, len(names))
-            found = _fine_tune(config, out)
+            found, editor = _fine_tune(config, out)
             edits, schedule = [found], None
         else:
             if overrides:
@@ -134,13 +134,15 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                 schedule = edit.parse_schedule(
                     {t: [row[j] for row in rows] for j, t in enumerate(thresholds)}, len(rows)
                 )
-        editor = edit_pipeline.Editor(
-            edits[0].config,
-            cache=out / "latents",
-            t0=args.t0,
-            inv_steps=args.inv_steps,
-            steps=args.steps,
-        )
+            editor = None
+        if editor is None:
+            editor = edit_pipeline.Editor(
+                edits[0].config,
+                cache=out / "latents",
+                t0=args.t0,
+                inv_steps=args.inv_steps,
+                steps=args.steps,
+            )
         names, inputs = files.read_images(args.image, editor.backbone.resolution)
         pictures, labels = [inputs], ["input"]
         if args.unseen:
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _fine_tune(config, out: Path):
+    import jax
+
     from clipgen import config as config_lib
     from clipgen import train
     from clipgen.pipelines import edit as edit_pipeline
@@ -179,7 +183,9 @@ def _fine_tune(config, out: Path):
     config_lib.validate(config)
     stage = train.trainer("edit").make_stage(config)
     state = loop.train(config, out / "run", stage)
-    found = edit_pipeline.Edit(config, next(iter(state.ema.values())))
+    editor = edit_pipeline.Editor(config, cache=config.edit.cache)
+    params = jax.device_get(next(iter(state.ema.values())))
+    found = edit_pipeline.Edit(config, params, editor.fingerprint)
     path = edit_pipeline.save_edit(out / "edit.safetensors", found)
     print(f"fine-tuned {found.name} in {int(state.step)} steps: {path}")
-    return found
+    return found, editor

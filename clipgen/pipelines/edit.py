@@ -39,6 +39,7 @@ class Edit:
 
     config: ml_collections.ConfigDict
     params: Any
+    base_fingerprint: str = ""  # `edit.fingerprint` of the base it was fine-tuned from
 
     @property
     def name(self) -> str:
@@ -62,7 +63,7 @@ def load_edit(path: str | Path) -> Edit:
         raise ValueError(f"{path} is a safetensors file without an edit's config in its metadata")
     config = ml_collections.ConfigDict(build._tuples(json.loads(metadata["config"])))
     params = traverse_util.unflatten_dict(tensors, sep="/")
-    return Edit(config, params)
+    return Edit(config, params, metadata.get("base_fingerprint", ""))
 
 
 def save_edit(path: str | Path, found: Edit) -> Path:
@@ -70,7 +71,11 @@ def save_edit(path: str | Path, found: Edit) -> Path:
     of a LoRA edit), its config and clipgen's version as metadata."""
     flat = traverse_util.flatten_dict(jax.device_get(found.params), sep="/")
     tensors = {name: np.ascontiguousarray(np.asarray(value)) for name, value in flat.items()}
-    metadata = {"config": found.config.to_json(), "clipgen_version": clipgen.__version__}
+    metadata = {
+        "config": found.config.to_json(),
+        "clipgen_version": clipgen.__version__,
+        "base_fingerprint": found.base_fingerprint,
+    }
     payload = safetensors.numpy.save(tensors, metadata=metadata)
     return atomic_write(path, lambda file: file.write(payload))
 
@@ -100,14 +105,22 @@ class Editor:
         self.steps = int(steps or settings.test_steps)
         self.refine = int(settings.inv_refine)
         self.cache = edit.LatentCache(cache)
-        self.model = f"{edit.fingerprint(self.backbone, params)}-refine{self.refine}"
+        self.fingerprint = edit.fingerprint(self.backbone, params)
+        self.model = f"{self.fingerprint}-refine{self.refine}"
         self._clip = None
         self._programs: dict = {}
 
     # -- parameters of edits ------------------------------------------------------------------
 
     def params_of(self, found: Edit) -> Any:
-        """The edit's full UNet parameters over this editor's base (LoRA merged)."""
+        """The edit's full UNet parameters over this editor's base (LoRA merged); an edit
+        fine-tuned from another base is refused."""
+        if found.base_fingerprint and found.base_fingerprint != self.fingerprint:
+            raise ValueError(
+                f"the {found.name} edit was fine-tuned from another model (fingerprint "
+                f"{found.base_fingerprint}) than this base {self.config.base.source} "
+                f"({self.fingerprint})"
+            )
         if found.config.get("lora") and found.config.lora.rank:
             return lora.merge(self.base, found.params["lora"], found.config.lora.alpha)
         return jax.tree_util.tree_map(jnp.asarray, found.params)
