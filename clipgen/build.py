@@ -3,8 +3,8 @@ preprocessing, and `restore(run_dir)` -> a trained stage's config and (EMA) para
 inference. Training, sampling, embedding, evaluation, the demo and the CLI all build
 through here (guided-diffusion's `create_model_and_diffusion`, once for everyone).
 
-A config's `stage` names what it builds: clip, prior, ar_prior, decoder, upsampler or
-operator (a fine-tuned prior).
+A config's `stage` names what it builds: clip, prior, ar_prior, decoder, upsampler, unet
+(an unconditional UNet) or operator (a fine-tuned prior).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -30,7 +31,7 @@ from clipgen.models.ar_prior import ARPrior, ARPriorConfig
 from clipgen.models.clip import CLIP, TextConfig, VisionConfig
 from clipgen.models.decoder import Decoder, DecoderConfig
 from clipgen.models.prior import PriorConfig, PriorTransformer
-from clipgen.models.unet import UNetConfig
+from clipgen.models.unet import UNet, UNetConfig
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig
 
 # --- tokenizers and preprocessing --------------------------------------------------------------
@@ -155,6 +156,12 @@ def decoder_module(config: ml_collections.ConfigDict) -> Decoder:
     return Decoder(decoder_config, dtype=jnp.dtype(model.dtype))
 
 
+def unet_module(config: ml_collections.ConfigDict) -> UNet:
+    """The unconditional ADM UNet `config.model.unet` describes (the `unet` stage; the
+    original DDPM's layout through its diffusers fields)."""
+    return UNet(UNetConfig(**config.model.unet.to_dict()), dtype=jnp.dtype(config.model.dtype))
+
+
 def upsampler_module(config: ml_collections.ConfigDict) -> Upsampler:
     """The upsampler `config.model` describes."""
     model = config.model
@@ -169,6 +176,7 @@ _MODULES: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "ar_prior": ar_prior_module,
     "decoder": decoder_module,
     "upsampler": upsampler_module,
+    "unet": unet_module,
 }
 
 
@@ -281,9 +289,89 @@ def clip_model(config: ml_collections.ConfigDict, params: Any) -> ClipModel:
     return ClipModel(clip_tokenizer, clip_module(config, clip_tokenizer), nn.meta.unbox(params))
 
 
+# Where a CLIP for inference comes from: a clipgen CLIP run (its `preset` for a checkpoint
+# that stores no config), a transformers directory (`path`) with its tokenizer (that
+# directory, an OpenAI .txt.gz vocabulary or a clipgen tokenizer .json), or "random": the
+# `preset`'s CLIP with random weights (tests).
+CLIP_SOURCE = {"source": "clipgen", "preset": "demo", "workdir": "", "path": "", "tokenizer": ""}
+
+
+def load_clip(options: dict[str, Any], where: str = "clip") -> tuple[ClipModel, str]:
+    """A CLIP from `options` (the keys of CLIP_SOURCE, all given) and a description of its
+    backbone; errors name `where`."""
+    if options["source"] == "clipgen":
+        from clipgen import stages
+
+        workdir, preset = Path(options["workdir"]), options["preset"]
+        if not options["workdir"] or not (workdir / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"{where}.workdir: no CLIP run at {str(workdir)!r} (no checkpoints/ in it); train "
+                f"one with `clipgen train --config configs/clip.py:{preset} --workdir DIR` (or "
+                "`clipgen demo`)"
+            )
+        trained = restore(workdir, functools.partial(stages.get("clip").config, preset))
+        clip = clip_model(trained.config, trained.params)
+        where_from = f"clipgen CLIP {preset} at {workdir}, step {trained.step}, EMA"
+    elif options["source"] == "random":
+        from clipgen import stages
+        from clipgen.models.clip import init_clip
+
+        config = stages.get("clip").config(options["preset"])
+        text_tokenizer = tokenizer(config)
+        module = clip_module(config, text_tokenizer)
+        params = jax.jit(lambda key: nn.meta.unbox(init_clip(module, key))["params"])(
+            jax.random.key(0)
+        )
+        clip = ClipModel(text_tokenizer, module, params)
+        where_from = f"random CLIP {options['preset']}"
+    elif options["source"] == "transformers":
+        from clipgen.weights.clip import load_clip as load_transformers_clip
+
+        path = Path(options["path"])
+        if not options["path"] or not path.is_dir():
+            raise FileNotFoundError(f"{where}.path: no transformers CLIP directory {str(path)!r}")
+        module, params = load_transformers_clip(path)
+        text_tokenizer = _clip_tokenizer(where, options["tokenizer"] or str(path), module)
+        clip = ClipModel(text_tokenizer, module, params.get("params", params))
+        where_from = f"transformers CLIP at {path}"
+    else:
+        raise ValueError(
+            f"{where}.source={options['source']!r}; expected clipgen, transformers or random"
+        )
+    vision = clip.module.vision
+    size = f"ViT {vision.image_size}px/{vision.patch_size}, width {vision.width} x {vision.layers}"
+    return clip, f"{where_from} ({size})"
+
+
+def _clip_tokenizer(where: str, spec: str, module: CLIP) -> Tokenizer:
+    path, length = Path(spec), module.text.context_length
+    if path.is_dir():
+        text_tokenizer = Tokenizer.from_hf_directory(path, length)
+    elif path.name.endswith(".txt.gz"):
+        text_tokenizer = Tokenizer.from_bpe_vocab(path, length)
+    elif path.suffix == ".json" and path.is_file():
+        text_tokenizer = Tokenizer.load(path)
+    else:
+        raise FileNotFoundError(
+            f"{where}.tokenizer: {spec!r} is not a tokenizer directory, .txt.gz vocab or .json"
+        )
+    if text_tokenizer.context_length > length or text_tokenizer.vocab_size > module.text.vocab_size:
+        raise ValueError(
+            f"{where}.tokenizer {spec}: context {text_tokenizer.context_length} / vocabulary "
+            f"{text_tokenizer.vocab_size} exceed the model's {length} / {module.text.vocab_size}"
+        )
+    if module.text.eos_token_id not in (2, text_tokenizer.end_id):
+        raise ValueError(
+            f"{where}.tokenizer {spec}: its end token id {text_tokenizer.end_id} is not the "
+            f"model's eos_token_id {module.text.eos_token_id}, so text pooling would be wrong"
+        )
+    return text_tokenizer
+
+
 def diffusion_model(config: ml_collections.ConfigDict, params: Any) -> DiffusionModel:
     """A prior's, decoder's or upsampler's config and parameters as a DiffusionModel."""
-    resolution = int(config.data.resolution) if config.stage in ("decoder", "upsampler") else 0
+    drawn = ("decoder", "upsampler", "unet")
+    resolution = int(config.data.resolution) if config.stage in drawn else 0
     return DiffusionModel(module(config), nn.meta.unbox(params), diffusion(config), resolution)
 
 

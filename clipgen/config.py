@@ -94,8 +94,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(
             f"config.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}"
         )
-    if config.optim.schedule not in ("cosine", "constant"):
-        problems.append(f"config.optim.schedule: {config.optim.schedule!r} (cosine or constant)")
+    if config.optim.schedule not in ("cosine", "constant", "step"):
+        problems.append(
+            f"config.optim.schedule: {config.optim.schedule!r} (cosine, constant or step)"
+        )
+    elif config.optim.schedule == "step" and config.optim.get("step_every", 0) < 1:
+        problems.append("config.optim.step_every must be >= 1 with the step schedule")
     if not config.optim.ema_decays:
         problems.append("config.optim.ema_decays is empty: give at least one decay")
     for decay in config.optim.ema_decays:

@@ -2,7 +2,8 @@
 them under `jax.jit`): the diffusion prior (captions' CLIP text conditioning -> CLIP image
 embeddings, classifier-free guidance as one doubled batch, best-of-N as N candidates per
 caption in the same batch), the decoder (guided on the CLIP image embedding and the text
-together, as unCLIP's decoder guidance) and the upsamplers (the low-resolution image).
+together, as unCLIP's decoder guidance), the upsamplers (the low-resolution image) and
+unconditional UNets.
 Training previews, the stage evaluators and the pipelines all sample through here.
 """
 
@@ -22,6 +23,7 @@ from clipgen.diffusion import samplers
 from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.decoder import Decoder
 from clipgen.models.prior import PriorTransformer
+from clipgen.models.unet import UNet
 from clipgen.models.upsampler import Upsampler, from_target, target_range
 
 # --- the decoder and the upsamplers -------------------------------------------------------------
@@ -155,6 +157,27 @@ def sample_upsampler(
         final_model_fn=final_fn,
     )
     return from_target(module.config, target, low_res)
+
+
+def sample_unet(
+    module: UNet,
+    params: Any,
+    diffusion: Diffusion,
+    rng: jax.Array,
+    count: int,
+    image_size: int,
+    *,
+    method: str = "ddim",
+    eta: float = 0.0,
+) -> jax.Array:
+    """`count` images (count, size, size, 3) in [-1, 1] from an unconditional UNet."""
+    noise_rng, step_rng = jax.random.split(rng)
+    x_T = jax.random.normal(noise_rng, (count, image_size, image_size, module.config.in_channels))
+
+    def model_fn(x_t, t):
+        return module.apply({"params": params}, x_t, t)
+
+    return samplers.sample(diffusion, model_fn, x_T, step_rng, method=method, eta=eta, clip=1.0)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

@@ -62,6 +62,8 @@ STAGES = (
     StageSpec("prior", "prior", "prior", "prior", 1, demo=DemoPlan(0.12, 143.0, 0.8)),
     StageSpec("ar_prior", "ar_prior", "ar_prior", None, None),
     StageSpec("operator", "operator", "operator", None, 7),
+    StageSpec("unet", "unet", "unet", None, 8),
+    StageSpec("edit", "edit", "edit", None, 9),
     StageSpec("decoder", "decoder", "decoder", "decoder", 2, demo=DemoPlan(0.44, 270.0, 1.0)),
     StageSpec(
         "upsampler", "upsampler", "upsampler", "upsampler", 3, demo=DemoPlan(0.07, 346.0, 0.45)

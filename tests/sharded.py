@@ -14,13 +14,25 @@ def _host(tree):
 
 
 def assert_sharded_equals_one_device(
-    stage, mesh, batch_size: int, *, loss_rtol: float, grad_rtol: float, grad_atol: float
+    stage,
+    mesh,
+    batch_size: int,
+    *,
+    loss_rtol: float,
+    grad_rtol: float,
+    grad_atol: float,
+    params=None,
 ) -> None:
     """`stage`'s loss and gradients on its first batch, sharded over `mesh`'s 'data' axis,
-    equal the single-device ones to the tolerances given."""
-    params = nn.meta.unbox(stage.init_params(jax.random.key(0)))
+    equal the single-device ones to the tolerances given (at `params`, by default its
+    initial parameters)."""
+    if params is None:
+        params = nn.meta.unbox(stage.init_params(jax.random.key(0)))
     batch = next(stage.batches(0, batch_size))
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: stage.loss(p, b, jax.random.key(3))[0]))
+    constants = () if stage.constants is None else (stage.constants(),)
+    grad_fn = jax.jit(
+        jax.value_and_grad(lambda p, b: stage.loss(p, b, jax.random.key(3), *constants)[0])
+    )
     single_loss, single_grads = grad_fn(params, batch)
     sharded = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.P("data")))
     assert all(leaf.sharding.spec == jax.P("data") for leaf in jax.tree.leaves(sharded))

@@ -9,7 +9,7 @@ from PIL import Image
 from clipgen import demo
 from clipgen.data import shapes_tfds
 
-GRIDS = ("samples.png", "variations.png", "interpolation.png", "textdiff.png")
+GRIDS = ("samples.png", "variations.png", "interpolation.png", "textdiff.png", "edit.png")
 
 
 def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
@@ -39,6 +39,13 @@ def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
     for name in GRIDS:
         grid = np.asarray(Image.open(tmp_path / name))
         assert grid.ndim == 3 and grid.std() > 0, name
+    edits = report["edit"]
+    for name in ("red->blue", "circle->square"):
+        assert {"heldout/applied", "heldout/kept", "heldout/directional_cosine"} <= set(
+            edits[name]["scores"]
+        )
+    assert len(edits["gamma_sweep"]["directional_cosine"]) == 5
+    assert {"applied", "kept", "both"} <= set(edits["combination"])
     samples = report["grids"]["samples.png"]
     assert samples == str(tmp_path / "samples.png")
 

@@ -71,6 +71,28 @@ SUPER_RES = {
     # With scale-shift norm diffusers' middle attention has no GroupNorm.
     "scale_shift": dict(resnet_time_scale_shift="scale_shift"),
 }
+# The original DDPM's 256 px layout (google/ddpm-celebahq-256's config.json, DiffusionCLIP's
+# CelebA-HQ / church / bedroom backbones) with narrower blocks: six levels, attention at the
+# fifth (16 px at 256), conv resampling padded right and bottom, [sin | cos] time features.
+DDPM_256 = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 16, 32, 32, 64, 64),
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    layers_per_block=2,
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+    norm_num_groups=8,
+    act_fn="silu",
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    time_embedding_type="positional",
+)
 DECODER_TIMESTEPS = np.array([999, 500, 10, 0])
 # Rows 1 and 3 pad, row 2 masks a middle token too.
 TEXT_MASK = np.array(
@@ -207,6 +229,31 @@ def test_super_res_matches_diffusers_pipeline_call(super_res_dirs, name):
             sample=torch.cat([_torch(noisy), upscaled], dim=1), timestep=_torch(timesteps)
         ).sample.numpy()
     got = jax.jit(module.apply)(params, _nchw_to_nhwc(noisy), timesteps, _nchw_to_nhwc(low_res))
+    np.testing.assert_allclose(np.asarray(got), _nchw_to_nhwc(expected), atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddpm") / "unet"
+    torch.manual_seed(0)
+    model = _randomized(diffusers.UNet2DModel(**DDPM_256), 20)
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_ddpm_256_layout_matches_diffusers(ddpm_dir):
+    path, model = ddpm_dir
+    module, params = load_unet(path)
+    assert isinstance(module, UNet)
+    cfg = module.config
+    assert cfg.channel_mult == (1, 1, 2, 2, 4, 4) and cfg.attention_resolutions == (16,)
+    assert not cfg.resblock_updown and not cfg.use_scale_shift_norm and cfg.head_channels is None
+    rng = np.random.RandomState(5)
+    sample = rng.randn(2, 3, 64, 64).astype(np.float32)
+    timesteps = np.array([999, 3])
+    with torch.no_grad():
+        expected = model(sample=_torch(sample), timestep=_torch(timesteps)).sample.numpy()
+    got = jax.jit(module.apply)(params, _nchw_to_nhwc(sample), timesteps)
     np.testing.assert_allclose(np.asarray(got), _nchw_to_nhwc(expected), atol=TOL, rtol=0)
 
 

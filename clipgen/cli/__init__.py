@@ -18,6 +18,10 @@
   clipgen pca --checkpoints DIR --image PNG --out GRID.png [--ks 1,2,4,8,16,32,64]
   clipgen op NAME --inputs IMAGE|EMBEDDING.npz ... --checkpoints DIR --out PREFIX
       [--operator RUN] [--word WORD] [--drop 1] [--guidance 8] [--mean]
+  clipgen edit --image IMAGE|DIR --out DIR (--source TEXT --target TEXT [--base RUN|DIR]
+      [--clip RUN|DIR] [--preset demo] [--config.key=value ...] | --edit EDIT ... |
+      --combine EDIT:RATIOS ... --thresholds 300,0) [--t0 500] [--steps 40] [--gamma 1]
+      [--unseen 8]
 
 Heavy imports (JAX, TensorFlow) happen only after the arguments and the config are checked,
 so a typo fails in a moment. A user's unusable input (`clipgen.errors.InputError`) is one
@@ -34,7 +38,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from clipgen.cli import cascade, evaluation, operators, training
+from clipgen.cli import cascade, edit, evaluation, operators, training
 from clipgen.cli.config_args import load_config
 from clipgen.errors import InputError, one_line
 
@@ -67,7 +71,7 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clipgen", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     handlers = {}
-    for family in (training, evaluation, cascade, operators):
+    for family in (training, evaluation, cascade, operators, edit):
         handlers.update(family.add_commands(commands))
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -81,7 +85,8 @@ def _main(argv: list[str]) -> int:
         return 2
 
 
-TAKES_CONFIG = ("train", "embed", "eval")  # commands whose other arguments are --config ones
+# Commands whose other arguments are --config ones (edit's: overrides of its fine-tuning).
+TAKES_CONFIG = ("train", "embed", "eval", "edit")
 
 
 def _terminated(signum, frame):

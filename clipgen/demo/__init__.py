@@ -1,10 +1,11 @@
 """`clipgen demo`: the main job on one CPU, the whole unCLIP cascade on the shapes world,
-then the pOps operators fine-tuned from its prior.
+then the pOps operators fine-tuned from its prior and DiffusionCLIP edits of its decoder.
 
 It builds the shapes dataset through its tfds builder (grids of the true renders, the
 oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
-upsamplers with their `demo` presets, one after the other, and the union and recolour
-operators (clipgen.demo.operators). By default each stage trains its preset's own steps:
+upsamplers with their `demo` presets, one after the other, the union and recolour
+operators (clipgen.demo.operators) and two DiffusionCLIP edits of the decoder
+(clipgen.demo.edit). By default each stage trains its preset's own steps:
 a fixed plan, so the report is the same on any machine for the same seed and a slower
 machine only takes longer (the log gives the whole run's ETA as it goes). With `minutes`
 the plan is a budget instead: what the data set, the scoring and the grids take
@@ -13,8 +14,8 @@ at its speed measured on a 2-core CPU (clipgen.stages), slowed to the pace the s
 it kept on this machine if that was slower, and stops at its deadline. Stages already
 trained in the workdir resume. It scores the cascade with the `shapes` evaluation (oracle
 accuracies on test and held-out captions, CLIP score, CLIP-space Frechet distance), draws
-`samples.png` (test captions under their images), the variation, interpolation, text-diff
-and operator grids, and writes `report.json`.
+`samples.png` (test captions under their images), the variation, interpolation, text-diff,
+operator and edit grids, and writes `report.json`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from clipgen import images, stages, train
 from clipgen.data import shapes, shapes_tfds
 from clipgen.data.files import atomic_write
 from clipgen.data.pipeline import ProceduralShapes
+from clipgen.demo import edit as demo_edit
 from clipgen.demo import operators as demo_operators
 from clipgen.eval import oracle, registry
 from clipgen.pipelines import embed
@@ -241,6 +243,10 @@ def run(
     report["operators"] = demo_operators.run(workdir, preset, configs["prior"])
     report["grids"]["operators.png"] = report["operators"].pop("grid")
     report["minutes"]["operators"] = _minutes_since(operators_started)
+    edit_started = time.perf_counter()
+    report["edit"] = demo_edit.run(workdir, preset, configs["decoder"])
+    report["grids"]["edit.png"] = report["edit"].pop("grid")
+    report["minutes"]["edit"] = _minutes_since(edit_started)
     report["minutes"]["total"] = _minutes_since(started)
     report["versions"] = _versions()
     encoded = json.dumps(report, indent=2).encode()

@@ -8,7 +8,7 @@ a learned-range model returns twice the data's channels on the last axis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -68,7 +68,7 @@ class Diffusion:
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
-    def respaced(self, spacing: str | int) -> Diffusion:
+    def respaced(self, spacing: str | int | Sequence[int]) -> Diffusion:
         """The same process visiting only the steps `spacing` keeps (see `space_timesteps`)."""
         return make_diffusion(
             self.schedule,
@@ -262,13 +262,14 @@ def make_diffusion(
     *,
     prediction: str = "eps",
     variance: str = "fixed_small",
-    respacing: str | int | None = None,
+    respacing: str | int | Sequence[int] | None = None,
     arithmetic: str = "float64",
 ) -> Diffusion:
     """A diffusion process over `num_timesteps` steps, optionally respaced.
 
-    `respacing` ("N", "N1,N2,...", "ddimN" or "unclipN") keeps a subsequence of the steps
-    with the betas recomputed so that q(x_t|x_0) is unchanged at every kept step.
+    `respacing` ("N", "N1,N2,...", "ddimN" or "unclipN", or the kept steps themselves)
+    keeps a subsequence of the steps with the betas recomputed so that q(x_t|x_0) is
+    unchanged at every kept step.
     `arithmetic` "float64" derives every coefficient from float64 betas before casting
     (improved-diffusion's); "float32" computes them in float32 as diffusers' UnCLIPScheduler
     steps do, from float32 betas (which moves the last step's posterior coefficient off 1

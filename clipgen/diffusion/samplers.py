@@ -71,6 +71,7 @@ def sample(
     dynamic_threshold: float | None = None,
     noise: StepNoise | None = None,
     final_model_fn: ModelFn | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Run the reverse process from x_T down to x_0 with `method` "ddpm" or "ddim".
 
@@ -80,7 +81,9 @@ def sample(
     (S - 1, *x_T.shape) rows (row k for step k, k = 0 the noisiest; the last step adds
     none) or as a function of k returning an array shaped like x_T, so that a sample can be
     reproduced across implementations. `final_model_fn` replaces `model_fn` on the last
-    step (Karlo's super-resolution runs a second network there).
+    step (Karlo's super-resolution runs a second network there). With `remat` each scanned
+    step is a `jax.checkpoint`: differentiating through the whole chain keeps one step's
+    activations at a time (recomputed on the way back) and the x_t between steps.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")
@@ -100,7 +103,11 @@ def sample(
 
     scanned = steps if final_model_fn is None else steps - 1
     ks = jnp.arange(scanned, dtype=jnp.int32)
-    x, _ = jax.lax.scan(lambda x, k: (step(x, k, model_fn), None), x_T, ks)
+
+    def body(x, k):
+        return step(x, k, model_fn), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_T, ks)
     if final_model_fn is not None:
         x = step(x, jnp.int32(steps - 1), final_model_fn)
     return x

@@ -7,6 +7,7 @@ Betas are computed in float64 numpy, as improved-diffusion does; the Gaussian pr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def make_betas(name: str, num_timesteps: int) -> np.ndarray:
     raise ValueError(f"unknown noise schedule {name!r}; expected one of {SCHEDULES}")
 
 
-def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
+def space_timesteps(num_timesteps: int, spacing: str | int | Sequence[int]) -> list[int]:
     """The timesteps of the original process kept when respacing, sorted ascending.
 
     `spacing` follows improved-diffusion's `space_timesteps`: "ddimN" takes every k-th step
@@ -52,7 +53,13 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
     each (a single "N" or an int N spreads N steps over the whole process, both ends kept).
     "unclipN" takes diffusers' `UnCLIPScheduler` steps, round(i (T - 1) / (N - 1)) for
     i < N (numpy's rounding, half to even), which "N" misses for some N (21 of 1000 steps).
+    A list or tuple of ints names the kept steps themselves (e.g. `uniform_grid`).
     """
+    if isinstance(spacing, (list, tuple, np.ndarray)):
+        kept = sorted({int(t) for t in spacing})
+        if not kept or kept[0] < 0 or kept[-1] >= num_timesteps:
+            raise ValueError(f"kept timesteps {list(spacing)} are not within [0, {num_timesteps})")
+        return kept
     spacing = str(spacing).strip()
     if spacing.startswith("unclip"):
         wanted = int(spacing[len("unclip") :])
@@ -102,3 +109,14 @@ def respace_betas(betas: np.ndarray, kept: list[int]) -> np.ndarray:
         new_betas.append(1.0 - alphas_cumprod[t] / last)
         last = alphas_cumprod[t]
     return np.asarray(new_betas, dtype=np.float64)
+
+
+def uniform_grid(t0: int, steps: int) -> list[int]:
+    """DiffusionCLIP's time grid: `steps` points from 0 to t0, int(linspace(0, 1, steps) * t0)
+    (truncated, as its code does), for inverting to t0 and generating back from there."""
+    if steps < 2:
+        raise ValueError(f"a grid to t0 needs at least 2 steps, got {steps}")
+    grid = [int(s) for s in np.linspace(0.0, 1.0, steps) * t0]
+    if len(set(grid)) != steps:
+        raise ValueError(f"{steps} steps to t0={t0} repeat timesteps; take at most {t0 + 1}")
+    return grid

@@ -10,13 +10,24 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Sinusoidal features of (possibly fractional) timesteps, [cos | sin] halves as in
-    ADM/GLIDE's `timestep_embedding`; shape (batch, dim)."""
+def timestep_embedding(
+    t: jax.Array,
+    dim: int,
+    max_period: float = 10_000.0,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+) -> jax.Array:
+    """Sinusoidal features of (possibly fractional) timesteps, shape (batch, dim): [cos | sin]
+    halves with frequencies max_period^(-k / half) as in ADM/GLIDE's `timestep_embedding`
+    (the defaults), or, as diffusers' `get_timestep_embedding` with its flip_sin_to_cos and
+    downscale_freq_shift, [sin | cos] and max_period^(-k / (half - freq_shift)) (the
+    original DDPM's: False, 1)."""
     half = dim // 2
-    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    frequencies = jnp.exp(-math.log(max_period) * exponent)
     angles = jnp.asarray(t, jnp.float32)[:, None] * frequencies[None, :]
-    features = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    halves = [jnp.cos(angles), jnp.sin(angles)]
+    features = jnp.concatenate(halves if flip_sin_to_cos else halves[::-1], axis=-1)
     if dim % 2:
         features = jnp.pad(features, ((0, 0), (0, 1)))
     return features
@@ -32,16 +43,18 @@ def dot_product_attention(
     dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention: query (B, Lq, H, D), key and value
-    (B, Lk, H, D) -> (B, Lq, H * D). Scores are float32; `bias` (broadcastable to
-    (B, H, Lq, Lk)) is added to them, and where boolean `mask` is False they are set to the
-    finite float32 minimum (as transformers' eager attention: a fully masked row turns
-    uniform). The softmax weights are cast to `dtype` before they meet the values."""
+    (B, Lk, H, D) -> (B, Lq, H * D). Scores are float32 (float64 when `dtype` is); `bias`
+    (broadcastable to (B, H, Lq, Lk)) is added to them, and where boolean `mask` is False
+    they are set to the finite minimum of their type (as transformers' eager attention: a
+    fully masked row turns uniform). The softmax weights are cast to `dtype` before they
+    meet the values."""
     batch, length, heads, head_dim = query.shape
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / math.sqrt(head_dim)
+    score_dtype = jnp.promote_types(dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(score_dtype) / math.sqrt(head_dim)
     if bias is not None:
         scores = scores + bias
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     return attended.reshape(batch, length, heads * head_dim)

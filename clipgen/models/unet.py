@@ -54,6 +54,12 @@ class UNetConfig:
     encoder_dim: int | None = None
     time_embed_dim: int | None = None
     remat: bool = False
+    # The original DDPM's conventions (diffusers' UNet2DModel fields of the same names):
+    # [sin | cos] timestep features with frequency shift 1, and strided-conv downsampling
+    # padded by one on the right and bottom only (downsample_padding 0) instead of both sides.
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    downsample_padding: int = 1
 
     def __post_init__(self):
         # Configs from ml_collections arrive with lists; tuples keep the dataclass hashable.
@@ -63,6 +69,11 @@ class UNetConfig:
         )
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"UNetConfig: channel_mult {self.channel_mult} must be positive ints")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(
+                f"UNetConfig: downsample_padding {self.downsample_padding} must be 1 (both "
+                "sides) or 0 (right and bottom only, the original DDPM)"
+            )
         if self.num_res_blocks < 1:
             raise ValueError(f"UNetConfig: num_res_blocks {self.num_res_blocks} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -114,7 +125,13 @@ class UNetConfig:
 
 
 def _conv(
-    features: int, kernel: int, dtype: Any, name: str, zero_init: bool = False, stride: int = 1
+    features: int,
+    kernel: int,
+    dtype: Any,
+    name: str,
+    zero_init: bool = False,
+    stride: int = 1,
+    padding: Any = None,
 ) -> nn.Conv:
     pad = kernel // 2
     kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
@@ -122,7 +139,7 @@ def _conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
+        padding=((pad, pad), (pad, pad)) if padding is None else padding,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, None, "conv_out")),
@@ -295,7 +312,9 @@ class UNet(nn.Module):
             return attention_block(cfg, dtype, name=name)(h, encoder_tokens, encoder_mask)
 
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-        emb = timestep_embedding(t, cfg.channels).astype(dtype)
+        emb = timestep_embedding(
+            t, cfg.channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        ).astype(dtype)
         emb = _dense(cfg.embed_dim, ("embed", "mlp"), dtype, "time_embed_1")(emb)
         emb = _dense(cfg.embed_dim, ("mlp", "embed"), dtype, "time_embed_2")(nn.silu(emb))
         if embedding is not None:
@@ -315,7 +334,10 @@ class UNet(nn.Module):
                 if cfg.resblock_updown:
                     h = res(h, width, f"down{level}_resample", "down")
                 else:
-                    h = _conv(width, 3, dtype, f"down{level}_resample", stride=2)(h)
+                    pad = (1, 1) if cfg.downsample_padding else (0, 1)
+                    h = _conv(
+                        width, 3, dtype, f"down{level}_resample", stride=2, padding=(pad, pad)
+                    )(h)
                 skips.append(h)
 
         h = res(h, widths[-1], "mid_res0")
@@ -337,7 +359,7 @@ class UNet(nn.Module):
 
         h = nn.silu(_group_norm(cfg, dtype, "norm_out")(h))
         h = _conv(cfg.out_channels, 3, dtype, "conv_out", zero_init=True)(h)
-        return h.astype(jnp.float32)
+        return h.astype(jnp.promote_types(dtype, jnp.float32))  # float64 stays float64
 
 
 def image_shape(image_size: int | tuple[int, int]) -> tuple[int, int]:

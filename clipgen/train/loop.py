@@ -10,6 +10,7 @@ handed to `train` by its caller (`clipgen train` and the demo build them from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -48,6 +49,10 @@ class Stage:
         and logical axis names (fine-tuning: a converted prior, an operator's adapters).
     frozen: regular expressions over "/"-joined parameter paths the stage never trains,
         beside config.optim.frozen (LoRA's base, the blocks an operator leaves alone).
+    constants() -> host arrays the loss reads but nothing trains (a frozen CLIP, LoRA's
+        base): placed replicated on the mesh once, kept out of the state (no optimizer
+        state, EMA or checkpoint); the loss is then called loss(params, batch, rng,
+        constants).
     """
 
     name: str
@@ -58,6 +63,7 @@ class Stage:
     preview: Callable[[state_lib.TrainState], dict[str, np.ndarray]] | None = None
     pretrained: Callable[[], Any] | None = None
     frozen: tuple[str, ...] = ()
+    constants: Callable[[], Any] | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -112,6 +118,8 @@ def _train(config, workdir, stage, devices, deadline, hooks, evaluators, stop_si
         first_batch = int(restored.data["batches"])
         logging.info("resumed from %s at step %d", checkpointer.directory, restored.step)
     step_fn = run.step
+    if run.constants is not None:
+        step_fn = functools.partial(_with_constants, run.step, run.constants)
     evaluators = dict(evaluators or {})
     writer = _metric_writer(workdir)
     hooks = [*_progress_hooks(config, writer), *hooks]
@@ -182,6 +190,7 @@ class Prepared:
     step: Any
     compile_seconds: float
     init_state: Callable[[], state_lib.TrainState]
+    constants: Any = None
 
 
 def prepare(
@@ -217,9 +226,22 @@ def prepare(
         return parallel.init_onto(init_state, mesh, rules, state_shardings, config.seed, params)
 
     schedule = state_lib.learning_rate_schedule(config.optim)
+    constants = None
+    if stage.constants is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.P())
+        host = stage.constants()
+        constants = parallel.put_host_tree(host, jax.tree_util.tree_map(lambda _: replicated, host))
     start = time.perf_counter()
     step = _lower_step(
-        stage, tx, schedule, mesh, rules, state_shardings, abstract_state, int(config.batch_size)
+        stage,
+        tx,
+        schedule,
+        mesh,
+        rules,
+        state_shardings,
+        abstract_state,
+        int(config.batch_size),
+        constants,
     )
     if compile_step:
         step = step.compile()
@@ -230,17 +252,24 @@ def prepare(
         stage.name,
         seconds,
     )
-    return Prepared(mesh, rules, abstract_state, state_shardings, step, seconds, make_state)
+    return Prepared(
+        mesh, rules, abstract_state, state_shardings, step, seconds, make_state, constants
+    )
 
 
-def _lower_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size):
-    """The train step, jitted with shardings and donated state, lowered for AOT compilation."""
+def _lower_step(
+    stage, tx, schedule, mesh, rules, state_shardings, abstract_state, batch_size, constants=None
+):
+    """The train step, jitted with shardings and donated state, lowered for AOT compilation
+    (with the stage's constants as a last, replicated argument when it has them)."""
 
-    def train_step(train_state: state_lib.TrainState, batch: Batch):
+    def train_step(train_state: state_lib.TrainState, batch: Batch, constants=None):
         rng = jax.random.fold_in(train_state.rng, train_state.step)
 
         def loss_fn(params):
-            return stage.loss(params, batch, rng)
+            if constants is None:
+                return stage.loss(params, batch, rng)
+            return stage.loss(params, batch, rng, constants)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state.params)
         grad_norm = optax.tree.norm(grads)
@@ -277,14 +306,27 @@ def _lower_step(stage, tx, schedule, mesh, rules, state_shardings, abstract_stat
         for name, value in spec.items()
     }
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    in_shardings = (state_shardings, batch_shardings)
+    arguments = (abstract_state, abstract_batch)
+    if constants is not None:
+        in_shardings += (jax.tree_util.tree_map(lambda _: replicated, constants),)
+        arguments += (
+            jax.tree_util.tree_map(
+                lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=replicated), constants
+            ),
+        )
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(abstract_state, abstract_batch)
+        return jitted.lower(*arguments)
+
+
+def _with_constants(step, constants, train_state, batch):
+    return step(train_state, batch, constants)
 
 
 def _check_finite(config, train_state, checkpointer) -> None:

@@ -43,8 +43,12 @@ def ema_decay_value(name: str) -> float:
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from 0 to `lr`, then cosine decay to `lr * final_lr_fraction` at
-    `decay_steps`, or constant."""
+    `decay_steps`, or constant, or "step": `lr * step_factor ** (step // step_every)`
+    (torch's StepLR, with no warm-up; DiffusionCLIP grows its rate 1.3x an epoch)."""
     warmup = max(int(optim.warmup_steps), 0)
+    if optim.schedule == "step":
+        every, factor = int(optim.step_every), float(optim.step_factor)
+        return lambda step: optim.lr * factor ** (step // every)
     if optim.schedule == "constant":
         warm = optax.linear_schedule(0.0, optim.lr, max(warmup, 1))
         return optax.join_schedules([warm, optax.constant_schedule(optim.lr)], [warmup])
@@ -56,7 +60,9 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
             decay_steps=max(int(optim.decay_steps), warmup + 1),
             end_value=optim.lr * optim.final_lr_fraction,
         )
-    raise ValueError(f"config.optim.schedule: unknown {optim.schedule!r}; use cosine or constant")
+    raise ValueError(
+        f"config.optim.schedule: unknown {optim.schedule!r}; use cosine, constant or step"
+    )
 
 
 def frozen_labels(patterns: tuple[str, ...]) -> Callable[[Any], Any]:

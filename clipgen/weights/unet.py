@@ -1,11 +1,13 @@
-"""Karlo's UNets from diffusers directories (`save_pretrained`: config.json and
+"""diffusers UNets (`save_pretrained` directories: config.json and
 diffusion_pytorch_model.safetensors) into clipgen modules.
 
 - `UNet2DConditionModel` (Karlo's decoder), together with the `UnCLIPTextProjModel` directory
   beside it, becomes a `Decoder` reading frozen CLIP text encodings.
-- `UNet2DModel` (Karlo's `super_res_first` / `super_res_last`) becomes an `Upsampler` with
-  diffusers' bicubic resize when its input holds an image and a low-resolution image
-  (in_channels = 2 x image channels), otherwise a plain `UNet`.
+- `UNet2DModel` (Karlo's `super_res_first` / `super_res_last`, or an unconditional DDPM such
+  as google/ddpm-celebahq-256, DiffusionCLIP's backbones; see `unet2d.py` for the layouts)
+  becomes an `Upsampler` with diffusers' bicubic resize when its input holds an image and a
+  low-resolution image (in_channels = 2 x image channels), otherwise a plain `UNet`, called
+  as `UNet.apply(params, x_nhwc, t)` where diffusers calls `unet(sample=x, timestep=t)`.
 
 Call convention (clipgen is NHWC, diffusers NCHW). Where the UnCLIP pipeline calls
     hidden, time_add = text_proj(image_embeddings=e, prompt_embeds=p,
@@ -41,17 +43,24 @@ from clipgen.data.json_input import (
     POSITIVE_INT,
     STR,
     Fields,
-    Kind,
     either,
     list_of,
     optional,
-    read_json_object,
 )
 from clipgen.errors import InputError
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
 from clipgen.models.unet import UNet, UNetConfig, init_unet
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
 from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_weights
+from clipgen.weights.unet2d import (
+    attention_levels,
+    channels,
+    check_fields,
+    make_unet_config,
+    read_config,
+    unet2d_config_from_diffusers,
+    uniform,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -66,12 +75,6 @@ _DECODER_DEFAULTS = {
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "block_out_channels": [320, 640, 1280, 1280],
 }
-_SUPER_RES_DEFAULTS = {
-    "down_block_types": ["DownBlock2D"] + ["AttnDownBlock2D"] * 3,
-    "up_block_types": ["AttnUpBlock2D"] * 3 + ["UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896],
-}
-
 _DECODER_IGNORED = {
     "sample_size",
     "downsample_padding",
@@ -130,41 +133,6 @@ _DECODER_USED = {
     "time_embedding_dim": optional(POSITIVE_INT),
 }
 
-_SUPER_RES_IGNORED = {
-    "sample_size",
-    "downsample_padding",
-    "downsample_type",
-    "upsample_type",
-    "num_train_timesteps",
-}
-_SUPER_RES_FIXED = {
-    "center_input_sample": (False,),
-    "time_embedding_type": ("positional",),
-    "freq_shift": (0,),
-    "flip_sin_to_cos": (True,),
-    "mid_block_type": ("UNetMidBlock2D",),
-    "mid_block_scale_factor": (1,),
-    "act_fn": ("silu", "swish"),
-    "resnet_time_scale_shift": ("default", "scale_shift"),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-}
-_SUPER_RES_USED = {
-    "in_channels": POSITIVE_INT,
-    "out_channels": POSITIVE_INT,
-    "down_block_types": _BLOCKS,
-    "up_block_types": _BLOCKS,
-    "block_out_channels": list_of(POSITIVE_INT, 1),
-    "layers_per_block": POSITIVE_INT,
-    "dropout": NUMBER,
-    "attention_head_dim": optional(POSITIVE_INT),
-    "norm_num_groups": optional(POSITIVE_INT),
-    "attn_norm_num_groups": optional(POSITIVE_INT),
-    "norm_eps": NUMBER,
-    "add_attention": BOOL,
-    "time_embedding_dim": optional(POSITIVE_INT),
-}
-
 _TEXT_PROJ_FIELDS = {
     "clip_extra_context_tokens": POSITIVE_INT,
     "clip_embeddings_dim": POSITIVE_INT,
@@ -214,73 +182,6 @@ _UNET_PARTS = {
 # --- configs -------------------------------------------------------------------------------
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    return read_json_object(directory / "config.json", "a diffusers model config (save_pretrained)")
-
-
-def _check_fields(
-    config: dict[str, Any],
-    used: dict[str, Kind],
-    fixed: dict[str, tuple],
-    ignored: set[str],
-    source: str,
-) -> Fields:
-    """The config as Fields, refused (InputError naming `source` and the field) if it has a
-    field clipgen does not know, a used field of the wrong kind, or a fixed field of another
-    value than those clipgen supports."""
-    fields = Fields(config, source)
-    unknown = sorted(
-        key
-        for key in config
-        if not key.startswith("_") and key not in set(used) | set(fixed) | ignored
-    )
-    if unknown:
-        raise fields.error(f"config fields clipgen does not know: {', '.join(unknown)}")
-    for field, kind in used.items():
-        fields.get(field, None, kind)
-    for field, allowed in fixed.items():
-        value = config.get(field, allowed[0])
-        if not any(_same(value, option) for option in allowed):
-            fields.fail(field, f"is {value!r}; clipgen supports {list(allowed)}")
-    return fields
-
-
-def _same(value: Any, option: Any) -> bool:
-    """value == option, a boolean never equal to a number."""
-    return value == option and isinstance(value, bool) == isinstance(option, bool)
-
-
-def _uniform(fields: Fields, field: str, default: Any, levels: int) -> Any:
-    """A field diffusers allows per level, required to be one value for all levels."""
-    value = fields.raw(field, default)
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels or len(set(value)) != 1:
-            fields.fail(
-                field, f"is {value!r}, varying by level; clipgen needs one value for all {levels}"
-            )
-        value = value[0]
-    return value
-
-
-def _channels(fields: Fields) -> tuple[int, tuple[int, ...]]:
-    """(base channels, channel_mult) from block_out_channels."""
-    block_out = list(fields.raw("block_out_channels"))
-    if any(c % block_out[0] for c in block_out):
-        fields.fail(
-            "block_out_channels",
-            f"{block_out} are not multiples of the first; clipgen's UNet needs integer "
-            "channel multipliers",
-        )
-    return block_out[0], tuple(c // block_out[0] for c in block_out)
-
-
-def _unet_config(fields: Fields, **values: Any) -> UNetConfig:
-    try:
-        return UNetConfig(**values)
-    except ValueError as error:
-        raise fields.error(str(error)) from None
-
-
 def decoder_config_from_diffusers(
     unet_config: dict[str, Any],
     text_proj_config: dict[str, Any],
@@ -291,7 +192,7 @@ def decoder_config_from_diffusers(
     `UNet2DConditionModel` (`source`) and its `UnCLIPTextProjModel` (`text_proj_source`);
     anything clipgen cannot read or express raises an InputError naming the file and the
     field."""
-    given = _check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
+    given = check_fields(unet_config, _DECODER_USED, _DECODER_FIXED, _DECODER_IGNORED, source)
     cfg = Fields({**_DECODER_DEFAULTS, **unet_config}, source)
     down = list(cfg.raw("down_block_types"))
     up = list(cfg.raw("up_block_types"))
@@ -307,19 +208,12 @@ def decoder_config_from_diffusers(
         for block in blocks:
             if block not in allowed:
                 given.fail(field, f"has the unsupported entry {block!r}; use {allowed}")
-    attended = [level for level in range(levels) if down[level] == _ATTENTION_DOWN]
-    mirrored = [level for level in range(levels) if up[levels - 1 - level] == _ATTENTION_UP]
-    if attended != mirrored:
-        given.fail(
-            "up_block_types",
-            f"{up} do not mirror down_block_types {down}; clipgen's UNet attends at the same "
-            "resolutions on both paths",
-        )
-    if _uniform(cfg, "only_cross_attention", False, levels):
+    attended = attention_levels(cfg, down, up, _ATTENTION_DOWN, _ATTENTION_UP)
+    if uniform(cfg, "only_cross_attention", False, levels):
         given.fail("only_cross_attention", "is true; clipgen supports false")
-    layers = _uniform(cfg, "layers_per_block", 2, levels)
-    head_dim = _uniform(cfg, "attention_head_dim", 8, levels)
-    cross_dim = _uniform(cfg, "cross_attention_dim", 1280, levels)
+    layers = uniform(cfg, "layers_per_block", 2, levels)
+    head_dim = uniform(cfg, "attention_head_dim", 8, levels)
+    cross_dim = uniform(cfg, "cross_attention_dim", 1280, levels)
     groups = cfg.raw("norm_num_groups", 32)
     eps = cfg.raw("norm_eps", 1e-5)
     if groups is None:
@@ -329,16 +223,16 @@ def decoder_config_from_diffusers(
     if eps != 1e-5:
         # diffusers' simple cross-attention layers normalise with eps 1e-5 whatever norm_eps says.
         given.fail("norm_eps", f"is {eps}; clipgen supports 1e-05")
-    channels, mult = _channels(cfg)
+    base, mult = channels(cfg)
     for level in [*attended, levels - 1]:
-        width = channels * mult[level]
+        width = base * mult[level]
         if width % head_dim:
             given.fail("attention_head_dim", f"{head_dim} does not divide the width {width}")
-    unet = _unet_config(
+    unet = make_unet_config(
         given,
         in_channels=cfg.raw("in_channels", 4),
         out_channels=cfg.raw("out_channels", 4),
-        channels=channels,
+        channels=base,
         channel_mult=mult,
         num_res_blocks=layers,
         attention_resolutions=tuple(2**level for level in attended),
@@ -354,7 +248,7 @@ def decoder_config_from_diffusers(
         time_embed_dim=cfg.raw("time_embedding_dim"),
     )
 
-    proj = _check_fields(text_proj_config, _TEXT_PROJ_FIELDS, {}, set(), text_proj_source)
+    proj = check_fields(text_proj_config, _TEXT_PROJ_FIELDS, {}, set(), text_proj_source)
     for field, expected in (
         ("time_embed_dim", unet.embed_dim),
         ("cross_attention_dim", cross_dim),
@@ -368,63 +262,6 @@ def decoder_config_from_diffusers(
         clip_extra_tokens=proj.raw("clip_extra_context_tokens", 4),
         text_width=clip_dim,
         text_embed_dim=clip_dim,
-    )
-
-
-def super_res_config_from_diffusers(
-    config: dict[str, Any], source: str = "config.json"
-) -> UNetConfig:
-    """A clipgen UNetConfig from the config.json dict of a Karlo-style `UNet2DModel`;
-    anything clipgen cannot read or express raises an InputError naming the file and the
-    field."""
-    given = _check_fields(config, _SUPER_RES_USED, _SUPER_RES_FIXED, _SUPER_RES_IGNORED, source)
-    cfg = Fields({**_SUPER_RES_DEFAULTS, **config}, source)
-    for field, allowed in (("down_block_types", _RESNET_DOWN), ("up_block_types", _RESNET_UP)):
-        for block in cfg.raw(field):
-            if block != allowed:
-                given.fail(field, f"has the unsupported entry {block!r}; use {allowed!r}")
-    levels = len(cfg.raw("down_block_types"))
-    if len(cfg.raw("up_block_types")) != levels or len(cfg.raw("block_out_channels")) != levels:
-        raise given.error(
-            "down_block_types, up_block_types and block_out_channels differ in length"
-        )
-    channels, mult = _channels(cfg)
-    groups = cfg.raw("norm_num_groups", 32)
-    if groups is None:
-        given.fail("norm_num_groups", "is null; clipgen needs a group count")
-    scale_shift = cfg.raw("resnet_time_scale_shift", "default") == "scale_shift"
-    mid_attention = cfg.raw("add_attention", True)
-    # diffusers' middle attention has a GroupNorm only with the "default" time embedding norm,
-    # unless attn_norm_num_groups names one.
-    attention_groups = cfg.raw("attn_norm_num_groups")
-    if attention_groups not in (None, groups):
-        given.fail(
-            "attn_norm_num_groups",
-            f"is {attention_groups}; clipgen supports null or norm_num_groups ({groups})",
-        )
-    attention_norm = attention_groups is not None or not scale_shift
-    width = channels * mult[-1]
-    head_dim = cfg.raw("attention_head_dim", 8) or width
-    if mid_attention and width % head_dim:
-        given.fail("attention_head_dim", f"{head_dim} does not divide the width {width}")
-    return _unet_config(
-        given,
-        in_channels=cfg.raw("in_channels", 3),
-        out_channels=cfg.raw("out_channels", 3),
-        channels=channels,
-        channel_mult=mult,
-        num_res_blocks=cfg.raw("layers_per_block", 2),
-        attention_resolutions=(),
-        mid_attention=mid_attention,
-        head_channels=head_dim,
-        dropout=cfg.raw("dropout", 0.0),
-        resblock_updown=True,
-        use_scale_shift_norm=scale_shift,
-        norm_groups=groups,
-        norm_eps=cfg.raw("norm_eps", 1e-5),
-        attention_norm=attention_norm,
-        encoder_dim=None,
-        time_embed_dim=cfg.raw("time_embedding_dim"),
     )
 
 
@@ -453,6 +290,8 @@ def unet_rules(abstract_params: dict[str, Any], levels: int) -> list[Rule]:
     rules: list[Rule] = []
     for path, leaves in modules.items():
         key = ".".join([_diffusers_module(path[0], levels), *(_UNET_PARTS[p] for p in path[1:])])
+        if len(path) == 1 and path[0].endswith("_resample"):
+            key += ".conv"  # a convolution resampler: diffusers' Downsample2D / Upsample2D
         if "scale" in leaves:
             rules += norm_rules(key, path)
         elif len(leaves["kernel"].shape) == 4:
@@ -496,7 +335,7 @@ def load_unet(
     channels (out_channels or half of it), else `UNet`. See the module docstring for the
     call convention."""
     path = Path(path)
-    config = _read_config(path)
+    config = read_config(path)
     class_name = config.get("_class_name")
     source = str(path / "config.json")
 
@@ -507,7 +346,7 @@ def load_unet(
                 f"the decoder at {path} needs its UnCLIPTextProjModel: no config.json in "
                 f"{proj_dir}; pass text_proj_path"
             )
-        proj_config = _read_config(proj_dir)
+        proj_config = read_config(proj_dir)
         proj_source = str(proj_dir / "config.json")
         proj_class = proj_config.get("_class_name", "UnCLIPTextProjModel")
         if proj_class != "UnCLIPTextProjModel":
@@ -532,18 +371,19 @@ def load_unet(
         return module, {"params": {"unet": unet_params, "conditioning": conditioning}}
 
     if class_name == "UNet2DModel":
-        unet_config = super_res_config_from_diffusers(config, source)
-        size = unet_config.downsampling
-        half = unet_config.in_channels // 2
-        if unet_config.in_channels % 2 == 0 and unet_config.out_channels in (half, 2 * half):
-            module = Upsampler(UpsamplerConfig(unet_config, resize="bicubic"), dtype)
+        unet2d = unet2d_config_from_diffusers(config, source)
+        size = unet2d.downsampling
+        half = unet2d.in_channels // 2
+        if unet2d.in_channels % 2 == 0 and unet2d.out_channels in (half, 2 * half):
+            module = Upsampler(UpsamplerConfig(unet2d, resize="bicubic"), dtype)
             abstract = _abstract_params(lambda rng: init_upsampler(module, rng, size, size))
-            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet_config, path)}}
-        module = UNet(unet_config, dtype)
+            return module, {"params": {"unet": _fill_unet(abstract["unet"], unet2d, path)}}
+        module = UNet(unet2d, dtype)
         abstract = _abstract_params(lambda rng: init_unet(module, rng, size))
-        return module, {"params": _fill_unet(abstract, unet_config, path)}
+        return module, {"params": _fill_unet(abstract, unet2d, path)}
 
     raise InputError(
         f"{source}: _class_name {class_name!r} is not a UNet clipgen loads; expected "
-        "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution)"
+        "'UNet2DConditionModel' (Karlo decoder) or 'UNet2DModel' (Karlo super-resolution, "
+        "or an unconditional DDPM)"
     )

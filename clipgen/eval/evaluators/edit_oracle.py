@@ -1,0 +1,154 @@
+"""`edit_oracle`: a DiffusionCLIP edit (an `edit` stage's parameters) on shapes-world scenes
+of a split (held-out by default) whose caption holds the source word, read by the oracle:
+- applied: every object that had the source value (a colour, shape, size or background
+  word) shows the target value, in the same place;
+- kept: every other attribute reads as in the truth with the edit done (object count,
+  background, each object's shape, size, position and colour, the untouched objects'
+  edited attribute too); both: applied and kept;
+- kept_vs_input: kept, judged against the oracle's reading of the input instead of the
+  truth (what changed, whatever the oracle gets wrong on both);
+and the mean directional CLIP similarity S_dir (the edit's CLIP and text direction), the
+L1 to the input ([-1, 1] units), and for reference the base model's reconstruction L1
+(inversion then generation, unedited) and the oracle's accuracy on the inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from clipgen import edit
+from clipgen.data import shapes
+from clipgen.data.preprocess import to_unit_range
+from clipgen.eval import oracle, registry
+from clipgen.pipelines import edit as edit_pipeline
+
+
+def attribute_of(word: str) -> str:
+    """Which attribute a word names: colour, shape, size, position or background."""
+    for attribute, values in (
+        ("colour", shapes.COLOURS),
+        ("shape", shapes.SHAPES),
+        ("size", shapes.SIZES),
+        ("position", shapes.POSITIONS),
+        ("background", shapes.BACKGROUNDS),
+    ):
+        if word in values:
+            return attribute
+    raise ValueError(f"{word!r} is no shapes-world attribute value")
+
+
+def edited_scene(scene: shapes.Scene, changes: dict[str, str]) -> shapes.Scene:
+    """The scene as it should read after edits {source word: target word}."""
+    background = scene.background
+    objects = []
+    for obj in scene.objects:
+        for source, target in changes.items():
+            attribute = attribute_of(source)
+            if attribute == "background":
+                background = target if background == source else background
+            elif getattr(obj, attribute) == source:
+                obj = dataclasses.replace(obj, **{attribute: target})
+        objects.append(obj)
+    return shapes.Scene(tuple(objects), background, scene.jitter)
+
+
+def _by_position(scene: shapes.Scene) -> dict[str, shapes.Obj]:
+    return {obj.position: obj for obj in scene.objects}
+
+
+def judge(read: shapes.Scene, truth: shapes.Scene, changes: dict[str, str]) -> dict[str, bool]:
+    """applied / kept / both for one edited image the oracle read as `read`, the input's
+    scene being `truth` and the edit `changes` ({source: target}); objects are paired by
+    position (a scene's objects sit in different slots)."""
+    expected = edited_scene(truth, changes)
+    edited = {attribute_of(source) for source in changes}
+    seen, before, after = _by_position(read), _by_position(truth), _by_position(expected)
+    background_changed = truth.background != expected.background
+    applied = read.background == expected.background if background_changed else True
+    kept = len(read.objects) == len(expected.objects) and set(seen) == set(after)
+    if not background_changed:
+        kept &= read.background == expected.background
+    for position, want in after.items():
+        got = seen.get(position)
+        for attribute in shapes.ATTRIBUTES:
+            value = getattr(want, attribute)
+            right = got is not None and getattr(got, attribute) == value
+            if attribute in edited and getattr(before[position], attribute) != value:
+                applied &= right
+            else:
+                kept &= right
+    return {"applied": bool(applied), "kept": bool(kept), "both": bool(applied and kept)}
+
+
+def readings(images: np.ndarray, resolution: int = 64) -> list[shapes.Scene]:
+    """The oracle's reading of each uint8 image (enlarged to `resolution` when smaller)."""
+    return [shapes.oracle(image) for image in oracle.enlarged(images, resolution)]
+
+
+def judge_all(
+    edited: np.ndarray, scenes: list[shapes.Scene], changes: dict[str, str], resolution: int = 64
+) -> dict[str, float]:
+    """Mean applied / kept / both over uint8 edited images of these scenes."""
+    verdicts = [
+        judge(read, scene, changes)
+        for read, scene in zip(readings(edited, resolution), scenes, strict=True)
+    ]
+    return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
+
+
+class Evaluator(registry.StageEvaluator):
+    DEFAULTS = {
+        **registry.StageEvaluator.DEFAULTS,
+        "split": "heldout",
+        "num_examples": 200,
+        "batch_size": 50,
+        "seed": 0,
+        "cache": "",
+        "oracle_resolution": 64,  # smaller images are enlarged (bicubic) before reading
+    }
+
+    def __init__(self, name, config, **kwargs):
+        super().__init__(name, config, **kwargs)
+        stage = self.stage_config
+        if stage.data.folder or stage.edit.templates != "shapes":
+            raise registry.Skipped(f"{name}: the edit is not a shapes-world one")
+        self.editor = edit_pipeline.Editor(stage, cache=self.settings["cache"] or None)
+        size = self.editor.backbone.resolution
+        options = self.settings
+        self.images, self.scenes = edit.shapes_with(
+            stage.edit.source, options["split"], options["num_examples"], size, options["seed"]
+        )
+        self.changes = {stage.edit.source: stage.edit.target}
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        found = edit_pipeline.Edit(self.stage_config, params)
+        editor, batch = self.editor, self.settings["batch_size"]
+        edited, rebuilt = [], []
+        for start in range(0, len(self.images), batch):
+            chunk = self.images[start : start + batch]
+            edited.append(editor.apply(chunk, [found]))
+            rebuilt.append(editor.reconstruct(chunk))
+        edited, rebuilt = np.concatenate(edited), np.concatenate(rebuilt)
+        size = self.settings["oracle_resolution"]
+        results = judge_all(edited, self.scenes, self.changes, size)
+        before = readings(self.images, size)
+        relative = [
+            judge(after, read, self.changes)["kept"]
+            for after, read in zip(readings(edited, size), before, strict=True)
+        ]
+        results["kept_vs_input"] = float(np.mean(relative))
+        inputs = to_unit_range(self.images)
+        results["l1"] = float(np.mean(np.abs(to_unit_range(edited) - inputs)))
+        results["reconstruction_l1"] = float(np.mean(np.abs(to_unit_range(rebuilt) - inputs)))
+        results["directional_cosine"] = float(
+            np.mean(editor.direction_scores(self.images, edited, found))
+        )
+        truths = [
+            shapes.attribute_accuracy(read, scene)["whole"]
+            for read, scene in zip(before, self.scenes, strict=True)
+        ]
+        results["oracle_inputs"] = float(np.mean(truths))
+        split = self.settings["split"]
+        return {f"{split}/{key}": value for key, value in results.items()}
