@@ -31,8 +31,8 @@ def add_commands(commands) -> dict:
     demo.add_argument(
         "--minutes",
         type=float,
-        help="fit the plan to this budget (default: each stage's own steps, the same report "
-        "on any machine)",
+        help="fit the plan to this machine within a budget of this many minutes (default: "
+        "the fixed plan of a 30-minute run's steps, the same report on any machine)",
     )
 
     return {
@@ -57,7 +57,10 @@ def _demo(args: argparse.Namespace) -> int:
     from clipgen.train import loop
 
     try:
-        demo_lib.run(args.workdir, minutes=args.minutes)
+        if args.minutes is None:
+            demo_lib.run(args.workdir)
+        else:
+            demo_lib.run(args.workdir, minutes=args.minutes, budget=True)
     except loop.Preempted as stop:
         print(f"clipgen demo: {stop}; run it again to resume", file=sys.stderr)
     except loop.NonFiniteError as error:

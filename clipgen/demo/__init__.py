@@ -5,17 +5,17 @@ It builds the shapes dataset through its tfds builder (grids of the true renders
 oracle scored on them), then trains CLIP, the diffusion prior, the decoder and both
 upsamplers with their `demo` presets, one after the other, the union and recolour
 operators (clipgen.demo.operators) and two DiffusionCLIP edits of the decoder
-(clipgen.demo.edit). By default each stage trains its preset's own steps:
-a fixed plan, so the report is the same on any machine for the same seed and a slower
-machine only takes longer (the log gives the whole run's ETA as it goes). With `minutes`
-the plan is a budget instead: what the data set, the scoring and the grids take
-(RESERVED_MINUTES) is set aside, each stage trains for the steps its share of the rest buys
-at its speed measured on a 2-core CPU (clipgen.stages), slowed to the pace the stage before
-it kept on this machine if that was slower, and stops at its deadline. Stages already
-trained in the workdir resume. It scores the cascade with the `shapes` evaluation (oracle
-accuracies on test and held-out captions, CLIP score, CLIP-space Frechet distance), draws
-`samples.png` (test captions under their images), the variation, interpolation, text-diff,
-operator and edit grids, and writes `report.json`.
+(clipgen.demo.edit). By default the stages train a fixed plan of steps: those a
+PLAN_MINUTES run buys at the speeds measured on an idle 2-core CPU (clipgen.stages), so
+the report is the same on any machine for the same seed and a slower machine only takes
+longer (the log gives the whole run's ETA as it goes). With `budget` the plan is a budget
+of `minutes` instead: what the data set, the scoring and the grids take (RESERVED_MINUTES)
+is set aside, each stage trains for the steps its share of the rest buys at its measured
+speed, slowed to the pace the stage before it kept on this machine if that was slower, and
+stops at its deadline. Stages already trained in the workdir resume. It scores the cascade
+with the `shapes` evaluation (oracle accuracies on test and held-out captions, CLIP score,
+CLIP-space Frechet distance), draws `samples.png` (test captions under their images), the
+variation, interpolation, text-diff, operator and edit grids, and writes `report.json`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ DEMO_DATA = shapes_tfds.ShapesConfig(
 # What is not a stage: building the data set, the cascade's scoring and the grids took 3.1
 # min of a 30-minute run (report.json "minutes"; the CLIP score reusing the oracle's images).
 RESERVED_MINUTES = 3.5
+PLAN_MINUTES = 30.0  # the default run's fixed plan: the steps of a 30-minute run
 MIN_STEPS = 50
 MIN_TIMED_STEPS = 20  # a stage's measured speed sets the pace only over this many steps
 
@@ -195,24 +196,29 @@ def run(
     workdir: str | Path,
     data: shapes_tfds.ShapesConfig = DEMO_DATA,
     preset: str = "demo",
-    minutes: float | None = None,
+    minutes: float | None = PLAN_MINUTES,
+    budget: bool = False,
 ) -> dict:
-    """Run the demo in `workdir` with each stage's `preset`: each preset's own steps (the
-    default), or a plan fitted to a budget of `minutes`; returns the report also written to
-    report.json. A stage plans its steps at the pace of the stage before it when that
-    trained slower than its plan, so its schedule still ends within its share; an
-    overrunning stage takes its time from the stages after it, not from the budget, but
-    leaves each of them at least half its share."""
+    """Run the demo in `workdir` with each stage's `preset`: the fixed plan of the steps a
+    `minutes` run buys at the measured speeds (None: each preset's own steps), or with
+    `budget` a plan fitted to this machine within `minutes`; returns the report also
+    written to report.json. In a budget a stage plans its steps at the pace of the stage
+    before it when that trained slower than its plan, so its schedule still ends within
+    its share; an overrunning stage takes its time from the stages after it, not from the
+    budget, but leaves each of them at least half its share."""
+    if budget and minutes is None:
+        raise ValueError("a budgeted demo needs its minutes")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    report: dict = {"plan": "budget" if minutes else "fixed", "budget_minutes": minutes}
+    plan = "budget" if budget else ("fixed" if minutes else "presets")
+    report: dict = {"plan": plan, "plan_minutes": minutes}
     report["minutes"] = {}
     report.update(_true_renders(workdir, data))
     report["minutes"]["data"] = _minutes_since(started)
     configs = cascade_configs(workdir, preset, minutes)
     report["stages"] = {}
-    if minutes is not None:
+    if budget:
         training_seconds = 60 * training_minutes(minutes)
         training_end = time.time() + training_seconds
     pace = 1.0
@@ -220,7 +226,7 @@ def run(
     for index, spec in enumerate(PLAN):
         stage_started = time.perf_counter()
         config, deadline = configs[spec.name], None
-        if minutes is not None:
+        if budget:
             deadline = stage_deadline(index, time.time(), training_end, training_seconds)
             _set_steps(config, planned_steps(spec, minutes, pace))
             progress.steps[spec.name] = config.total_steps
@@ -229,7 +235,7 @@ def run(
         result = _train_stage(spec, config, workdir, deadline, hooks)
         speed = timer.steps_per_minute
         result.update(planned_pace=round(pace, 3), steps_per_minute=speed and round(speed, 1))
-        if speed is not None and minutes is not None:
+        if speed is not None and budget:
             pace = min(1.0, speed / spec.demo.steps_per_minute)
         report["stages"][spec.name] = result
         report["minutes"][spec.name] = _minutes_since(stage_started)

@@ -49,6 +49,9 @@ class VisionConfig:
     act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     channels: int = 3
+    # The std of the position embeddings at init; the shapes world's CLIP learns positions
+    # several times faster from 1.0 than from CLIP's 0.02 (configs/clip.py).
+    position_init: float = 0.02
 
     def __post_init__(self):
         _check_activation(self.act)
@@ -212,7 +215,9 @@ class VisionTower(nn.Module):
         )
         self.position_embed = self.param(
             "position_embed",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.position_init), (None, "embed")
+            ),
             (cfg.num_positions, cfg.width),
         )
         self.pre_norm = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_norm")
