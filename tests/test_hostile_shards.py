@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from jax import monitoring
 from clipgen import cli
 from clipgen.data import embeddings
 from clipgen.errors import InputError
+
+from fuzz_outcomes import check_outcome_counts
 
 CONFIG = Path(__file__).parents[1] / "configs" / "prior.py"
 DIM, TOKENS, TOKEN_DIM = 16, 24, 32  # configs/prior.py:tiny's embedding and token widths
@@ -505,15 +506,4 @@ def test_python_api_loads_odd_but_valid_shards(tmp_path, case, normalize):
 def test_zz_outcome_counts():
     """The fuzz's note: per entry point, cases tried, clear InputErrors, correct handling,
     tracebacks and silent loads (the last two must be 0)."""
-    counts: dict[str, Counter] = {}
-    for entry, _, outcome in OUTCOMES:
-        counts.setdefault(entry, Counter())[outcome] += 1
-    for entry, counted in sorted(counts.items()):
-        print(
-            f"{entry}: tried {sum(counted.values())}, clear InputError {counted['clear']}, "
-            f"correct handling {counted['handled']}, unclear {counted['unclear']}, "
-            f"tracebacks {counted['traceback']}, silent {counted['silent']}"
-        )
-    if not OUTCOMES:
-        pytest.skip("no fuzz case ran")
-    assert all(c["traceback"] == 0 and c["silent"] == 0 for c in counts.values())
+    check_outcome_counts(OUTCOMES)

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import shutil
 import struct
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +40,8 @@ import safetensors.torch  # noqa: E402
 from clipgen import cli  # noqa: E402
 from clipgen.errors import InputError  # noqa: E402
 from clipgen.pipelines import unclip  # noqa: E402
+
+from fuzz_outcomes import check_outcome_counts  # noqa: E402
 
 PRIOR = "prior/diffusion_pytorch_model.safetensors"
 DECODER = "decoder/diffusion_pytorch_model.safetensors"
@@ -645,15 +646,4 @@ def test_python_api_loads_odd_but_valid_folder(karlo, baseline, tmp_path, case):
 def test_zz_outcome_counts():
     """The fuzz's note: per entry point, cases tried, clear InputErrors, correct handling,
     tracebacks and silent loads (the last two must be 0)."""
-    counts: dict[str, Counter] = {}
-    for entry, _, outcome in OUTCOMES:
-        counts.setdefault(entry, Counter())[outcome] += 1
-    for entry, counted in sorted(counts.items()):
-        print(
-            f"{entry}: tried {sum(counted.values())}, clear InputError {counted['clear']}, "
-            f"correct handling {counted['handled']}, unclear {counted['unclear']}, "
-            f"tracebacks {counted['traceback']}, silent {counted['silent']}"
-        )
-    if not OUTCOMES:
-        pytest.skip("no fuzz case ran")
-    assert all(c["traceback"] == 0 and c["silent"] == 0 for c in counts.values())
+    check_outcome_counts(OUTCOMES)
