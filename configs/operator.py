@@ -66,6 +66,7 @@ def get_config(arg: str | None = None):
             batch_size=200,
             seed=0,
             cascade="",  # a workdir with decoder and upsampler runs: also render and score
+            oracle_examples=32,  # of each split, rendered 3 times (output, baseline, truth)
             oracle_resolution=64,
         )
     )

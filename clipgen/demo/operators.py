@@ -46,12 +46,29 @@ def operator_config(
 def run(workdir: Path, preset: str, prior: ml_collections.ConfigDict) -> dict:
     """Train and score the demo's operators in workdir/operators/<name>; returns their
     report entries and writes operators.png."""
+    report = train_and_score(workdir, preset, prior, OPERATORS)
+    report["grid"] = str(_draw(workdir, preset))
+    return report
+
+
+def train_and_score(
+    workdir: Path,
+    preset: str,
+    prior: ml_collections.ConfigDict,
+    names: tuple[str, ...],
+    oracle_examples: int | None = None,
+) -> dict:
+    """Fine-tune the operators `names` from the cascade's prior in workdir/operators/<name>
+    and score each with its evaluators (rendering `oracle_examples` of each split, None:
+    the preset's count); returns {name: steps, minutes, scores}."""
     from clipgen.train import loop
 
     report = {}
-    for name in OPERATORS:
+    for name in names:
         started = time.perf_counter()
         config = operator_config(workdir, preset, name, prior)
+        if oracle_examples is not None:
+            config.evals.retrieval.oracle_examples = oracle_examples
         embed.ensure_embeddings(config)
         stage = train.trainer("operator").make_stage(config)
         trained_at = time.perf_counter()
@@ -66,7 +83,6 @@ def run(workdir: Path, preset: str, prior: ml_collections.ConfigDict) -> dict:
             "minutes": round((time.perf_counter() - started) / 60, 2),
             "scores": {key: float(value) for key, value in scores.items()},
         }
-    report["grid"] = str(_draw(workdir, preset))
     return report
 
 
