@@ -2,6 +2,7 @@
 transformer blocks unrolled and as one `nn.scan` (model.scan), side by side in one run.
 
   python benchmarks/compile_time.py [--devices=64] [--fsdp=8] [--presets=prior,clip,ar_prior]
+      [--clip-tokenizer=bpe_simple_vocab_16e6.txt.gz]
 
 Prints one JSON line per preset and layout: seconds to lower and to compile the step.
 Runs in a fresh process: it sets the fake device count.
@@ -21,6 +22,12 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--devices", type=int, default=64)
     parser.add_argument("--fsdp", type=int, default=8)
     parser.add_argument("--presets", default="prior,clip,ar_prior")
+    parser.add_argument(
+        "--clip-tokenizer",
+        default="",
+        help="OpenAI's bpe_simple_vocab_16e6.txt.gz (default: the CLIP paper preset's name, "
+        "read from the working directory)",
+    )
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
@@ -33,6 +40,8 @@ def main(argv: list[str]) -> list[dict]:
         for scan in (False, True):
             config = config_lib.load_preset(name, "paper")
             config.model.scan = scan
+            if config.stage == "clip" and args.clip_tokenizer:
+                config.data.tokenizer = args.clip_tokenizer
             if "embeddings" in config.data:
                 config.data.embeddings = "synthetic"
                 config.data.num_examples = dict(train=1024)  # the AR prior fits a PCA on them
