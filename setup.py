@@ -40,6 +40,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8",
+    "pytest-xdist==3.8.0",  # launch/test.sh runs the suite on two workers
     "ruff==0.17.6",
     # Exactly 2.13.0: the CPU wheel pip finds locally. Any range pulls a multi-GB CUDA build.
     # Never torchvision: it does not import beside this torch.

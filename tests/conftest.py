@@ -15,7 +15,10 @@ import pytest  # noqa: E402
 
 import clipgen  # noqa: E402, F401  (adds clipgen's XLA:CPU flags before JAX starts)
 
-_CACHE = Path(os.environ.get("CLIPGEN_TEST_JAX_CACHE", Path(__file__).parents[1] / ".jax_cache"))
+# One cache per pytest-xdist worker: the cache's files are not written atomically.
+_CACHE = Path(
+    os.environ.get("CLIPGEN_TEST_JAX_CACHE", Path(__file__).parents[1] / ".jax_cache")
+) / os.environ.get("PYTEST_XDIST_WORKER", "main")
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
