@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from clipgen import build
-from clipgen.data import pipeline, sources
+from clipgen.data import pipeline, siblings, sources
 from clipgen.models.clip import init_clip
 from clipgen.train.loop import Stage
 
@@ -44,12 +44,17 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
     model = build.clip_module(config, tokenizer)
     resolution = config.model.vision.image_size
     key = f"image_{config.data.resolution}"
-    train_source = sources.open_source(
-        config.data.get("source", "procedural"),
-        (config.data.resolution,),
-        "train",
-        config.data.seed,
-    )
+    source = config.data.get("source", "procedural")
+    hard_negatives = tuple(config.data.get("hard_negatives", ()))
+    if hard_negatives and source != "procedural":
+        raise ValueError(
+            f"config.data.hard_negatives={hard_negatives!r} needs the procedural shapes source "
+            f"(it changes a scene's attributes), not config.data.source={source!r}: set "
+            "config.data.hard_negatives=()"
+        )
+    train_source = sources.open_source(source, (config.data.resolution,), "train", config.data.seed)
+    if hard_negatives:
+        train_source = siblings.ShapesSiblings(train_source, hard_negatives)
 
     def to_arrays(examples):
         return build.clip_inputs(examples, tokenizer, key, resolution)
