@@ -35,7 +35,9 @@ def sibling(scene: shapes.Scene, attribute: str, rng: np.random.Generator) -> sh
             changed = dataclasses.replace(scene, objects=tuple(objects))
             if _has_heldout(changed) == heldout:
                 return changed
-    return scene  # no change keeps the split (cannot happen with more than one value left)
+    # Unchanged when no value keeps the split: in the held-out split, a lone held-out
+    # object's shape or colour. Train scenes always have one (the trained split).
+    return scene
 
 
 def _has_heldout(scene: shapes.Scene) -> bool:
