@@ -25,13 +25,13 @@ from clipgen.models.clip import CLIP
 ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
-def single_object_scenes(split: str, count: int) -> list[tuple[int, shapes.Scene]]:
-    """The first `count` one-object scenes of a split, with their example indices."""
+def single_object_scenes(split: str, count: int) -> list[shapes.Scene]:
+    """The first `count` one-object scenes of a split."""
     source, found, index = pipeline.ProceduralShapes((), split), [], 0
     while len(found) < count:
         scene = shapes.scene_from_json(source[index]["scene"])
         if len(scene.objects) == 1:
-            found.append((index, scene))
+            found.append(scene)
         index += 1
     return found
 
@@ -74,10 +74,10 @@ def main() -> None:
     )
     clip = build.clip_model(trained.config, trained.params)
     result = {"workdir": args.workdir, "step": int(trained.step)}
-    fitted = [s for _, s in single_object_scenes("train", args.train)]
+    fitted = single_object_scenes("train", args.train)
     train = embed(clip, trained.config, fitted)
     for split in ("test", "heldout"):
-        read = [s for _, s in single_object_scenes(split, args.test)]
+        read = single_object_scenes(split, args.test)
         features = embed(clip, trained.config, read)
         for tower in ("image", "text"):
             for attribute in ATTRIBUTES:

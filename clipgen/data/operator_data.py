@@ -50,10 +50,6 @@ def render_input(item: shapes.Scene | Swatch, size: int) -> np.ndarray:
     return shapes.render(item, size)
 
 
-def _has_heldout(scene: shapes.Scene) -> bool:
-    return any((obj.colour, obj.shape) in shapes.HELDOUT_PAIRS for obj in scene.objects)
-
-
 def _scene(rng: np.random.Generator, split: str, objects: int) -> shapes.Scene:
     """A scene of `objects` objects drawn as the split's scenes are."""
     while True:
@@ -118,9 +114,9 @@ def _instruct(rng, split):
         if obj.colour == word:
             return None
         target = _with(base, colour=word)
-    if split != "heldout" and _has_heldout(target):
+    if split != "heldout" and shapes.has_heldout_pair(target):
         return None
-    if split == "heldout" and not _has_heldout(target):
+    if split == "heldout" and not shapes.has_heldout_pair(target):
         return None
     return OperatorExample((base,), target, word)
 

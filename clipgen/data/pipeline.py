@@ -44,12 +44,16 @@ class ProceduralShapes:
 
     def __getitem__(self, index: int) -> Example:
         rng = np.random.default_rng([self.seed, shapes.SPLITS.index(self.split), int(index)])
-        scene = shapes.sample_scene(rng, self.split)
-        example: Example = {f"image_{r}": shapes.render(scene, r) for r in self.resolutions}
-        example["caption"] = shapes.caption(scene)
-        example["scene"] = shapes.scene_to_json(scene)
-        example["id"] = int(index)
-        return example
+        return example_of(shapes.sample_scene(rng, self.split), self.resolutions, index)
+
+
+def example_of(scene: shapes.Scene, resolutions: Sequence[int], index: int) -> Example:
+    """A shapes-world example: `scene` rendered at each resolution, its caption, JSON and id."""
+    example: Example = {f"image_{r}": shapes.render(scene, r) for r in resolutions}
+    example["caption"] = shapes.caption(scene)
+    example["scene"] = shapes.scene_to_json(scene)
+    example["id"] = int(index)
+    return example
 
 
 def renders(split: str, ids: Sequence[int], resolution: int, seed: int = 0) -> np.ndarray:

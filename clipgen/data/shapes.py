@@ -153,6 +153,11 @@ def _is_heldout(obj: Obj) -> bool:
     return (obj.colour, obj.shape) in HELDOUT_PAIRS
 
 
+def has_heldout_pair(scene: Scene) -> bool:
+    """Whether an object of `scene` is a held-out colour-shape pair (a held-out scene)."""
+    return any(_is_heldout(obj) for obj in scene.objects)
+
+
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """Draws a random scene of one or two objects, respecting the split's held-out pairs.
 

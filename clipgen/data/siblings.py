@@ -25,7 +25,7 @@ _CHOICES = {"colour": tuple(shapes.COLOURS), "shape": tuple(shapes.SHAPES), "siz
 def sibling(scene: shapes.Scene, attribute: str, rng: np.random.Generator) -> shapes.Scene:
     """`scene` with `attribute` of one of its objects changed to another value, keeping the
     scene in its split (a held-out colour-shape pair neither made nor removed)."""
-    heldout = _has_heldout(scene)
+    heldout = shapes.has_heldout_pair(scene)
     for index in rng.permutation(len(scene.objects)):
         old = scene.objects[index]
         values = [v for v in _CHOICES[attribute] if v != getattr(old, attribute)]
@@ -33,15 +33,11 @@ def sibling(scene: shapes.Scene, attribute: str, rng: np.random.Generator) -> sh
             objects = list(scene.objects)
             objects[index] = dataclasses.replace(old, **{attribute: str(value)})
             changed = dataclasses.replace(scene, objects=tuple(objects))
-            if _has_heldout(changed) == heldout:
+            if shapes.has_heldout_pair(changed) == heldout:
                 return changed
     # Unchanged when no value keeps the split: in the held-out split, a lone held-out
     # object's shape or colour. Train scenes always have one (the trained split).
     return scene
-
-
-def _has_heldout(scene: shapes.Scene) -> bool:
-    return any((o.colour, o.shape) in shapes.HELDOUT_PAIRS for o in scene.objects)
 
 
 class ShapesSiblings:
@@ -70,10 +66,4 @@ class ShapesSiblings:
         rng = np.random.default_rng([source.seed, shapes.SPLITS.index(source.split), index, 1])
         attribute = self.attributes[int(rng.integers(len(self.attributes)))]
         scene = sibling(shapes.scene_from_json(first["scene"]), attribute, rng)
-        example: pipeline.Example = {
-            f"image_{r}": shapes.render(scene, r) for r in source.resolutions
-        }
-        example["caption"] = shapes.caption(scene)
-        example["scene"] = shapes.scene_to_json(scene)
-        example["id"] = int(index)
-        return example
+        return pipeline.example_of(scene, source.resolutions, index)
