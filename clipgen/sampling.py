@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from clipgen import build
+from clipgen.data import degrade
 from clipgen.diffusion import samplers
 from clipgen.diffusion.gaussian import Diffusion
 from clipgen.models.decoder import Decoder
@@ -130,11 +131,17 @@ def sample_upsampler(
     noise: samplers.StepNoise | None = None,
     clip: float | None = None,
     last_step_params: Any = None,
+    condition_blur: float = 0.0,
 ) -> jax.Array:
     """(B, size, size, 3) in [-1, 1] from low-resolution images (B, h, w, 3) in [-1, 1];
     `x_T` and `noise` as for the decoder; x0 estimates clamped to +-`clip` (None: the
-    target's range); `last_step_params` run the last step (Karlo's super_res_last)."""
+    target's range); `last_step_params` run the last step (Karlo's super_res_last);
+    `condition_blur` > 0 blurs the low-resolution images first with the gaussian of that
+    sigma (clipgen.data.degrade.gaussian_blur), as an upsampler trained on blurred inputs
+    saw them."""
     noise_rng, step_rng = jax.random.split(rng)
+    if condition_blur:
+        low_res = degrade.gaussian_blur(low_res, condition_blur)
     if x_T is None:
         x_T = jax.random.normal(noise_rng, (low_res.shape[0], image_size, image_size, 3))
 
@@ -326,6 +333,7 @@ def image_sampler(
                 size,
                 method=settings.method,
                 eta=settings.eta,
+                condition_blur=settings.get("condition_blur", 0.0),
             )
 
     program = jax.jit(sample)

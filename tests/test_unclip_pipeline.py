@@ -11,6 +11,7 @@ from flax import linen as nn
 from PIL import Image
 
 from clipgen import cli, stages, train
+from clipgen.data import degrade
 from clipgen.data import pipeline as data_pipeline
 from clipgen.diffusion.gaussian import make_diffusion
 from clipgen.eval import run
@@ -83,6 +84,23 @@ def test_sharded_cascade_equals_one_device(one_device, eight_devices):
     # three captions do not divide over eight devices: the programs run replicated
     odd = eight_devices.generate(CAPTIONS[:3], seed=3)
     assert odd.shape == (3, 64, 64, 3) and odd.dtype == np.uint8
+
+
+def test_condition_blur_blurs_each_upsamplers_input_before_it_samples(tiny, one_device):
+    configs, _ = tiny
+    configs = {name: config.copy_and_resolve_references() for name, config in configs.items()}
+    configs["upsampler"].sample.condition_blur = 0.6
+    assert unclip.Sampling.from_configs(configs)["upsampler"].condition_blur == 0.6
+    assert one_device.sampling["upsampler"].condition_blur == 0.0
+
+    low = jnp.asarray(_shapes_images(4)[:, ::2, ::2] / 127.5 - 1.0, jnp.float32)
+    plain = one_device.sampling
+    blurred = plain.replace(upsampler_condition_blur=0.6)
+    [first, *_] = one_device.upsample(low, 0, blurred)
+    [expected, *_] = one_device.upsample(degrade.gaussian_blur(low, 0.6), 0, plain)
+    [unblurred, *_] = one_device.upsample(low, 0, plain)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(expected), atol=1e-5)
+    assert np.abs(np.asarray(first) - np.asarray(unblurred)).max() > 1e-3
 
 
 # --- an exact denoiser: inversion and the manipulations' embedding paths ---------------------

@@ -28,7 +28,9 @@ class StageSampling:
     guidance's null: "dropped", the null clipgen's stages train with (the prior: a zero text
     embedding with every token masked; the decoder: the null image embedding and the text
     masked out), or "empty_caption", Karlo's and Kandinsky's (the CLIP encodings of "";
-    for the decoder with the null image embedding)."""
+    for the decoder with the null image embedding); for an upsampler, the sigma of the
+    gaussian blur applied to its low-resolution input (0: none; clipgen.sampling.
+    sample_upsampler)."""
 
     respacing: str
     method: str = "ddpm"
@@ -37,6 +39,7 @@ class StageSampling:
     best_of: int = 1
     clip: float | None = None
     guidance_null: str = "dropped"
+    condition_blur: float = 0.0
 
     def __post_init__(self):
         if self.guidance_null not in GUIDANCE_NULLS:
@@ -60,6 +63,7 @@ _SAMPLE_KEYS = {
     "best_of": "best_of",
     "clip_denoised": "clip",
     "guidance_null": "guidance_null",
+    "condition_blur": "condition_blur",
 }
 EMBED_NORMS = ("l2", "raw")
 

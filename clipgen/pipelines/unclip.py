@@ -378,6 +378,7 @@ class UnCLIP:
                         noise=noise_fn or rows,
                         clip=settings.clip,
                         last_step_params=last,
+                        condition_blur=settings.condition_blur,
                     )
 
                 return jax.jit(draw, out_shardings=self.batch_sharding(batch))
