@@ -16,39 +16,26 @@ import os
 import sys
 import time
 
+import paper_step  # benchmarks/ is on sys.path
+
 
 def main(argv: list[str]) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=64)
     parser.add_argument("--fsdp", type=int, default=8)
     parser.add_argument("--presets", default="prior,clip,ar_prior")
-    parser.add_argument(
-        "--clip-tokenizer",
-        default="",
-        help="OpenAI's bpe_simple_vocab_16e6.txt.gz (default: the CLIP paper preset's name, "
-        "read from the working directory)",
-    )
+    parser.add_argument("--clip-tokenizer", default="", help=paper_step.CLIP_TOKENIZER_HELP)
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-
-    from clipgen import config as config_lib
-    from clipgen import train
-    from clipgen.train import loop
 
     results = []
     for name in args.presets.split(","):
         for scan in (False, True):
-            config = config_lib.load_preset(name, "paper")
-            config.model.scan = scan
-            if config.stage == "clip" and args.clip_tokenizer:
-                config.data.tokenizer = args.clip_tokenizer
-            if "embeddings" in config.data:
-                config.data.embeddings = "synthetic"
-                config.data.num_examples = dict(train=1024)  # the AR prior fits a PCA on them
-            config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
-            stage = train.trainer(config.stage).make_stage(config)
+            config = paper_step.paper_config(
+                name, "paper", args.devices, args.fsdp, args.clip_tokenizer, **{"model.scan": scan}
+            )
             start = time.perf_counter()
-            lowered = loop.prepare(config, stage, compile_step=False).step
+            lowered = paper_step.prepare(config, compile_step=False).step
             lowered_at = time.perf_counter()
             lowered.compile()
             done = time.perf_counter()

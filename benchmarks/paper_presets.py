@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+import paper_step  # benchmarks/ is on sys.path
+
 # (config file, preset, the paper's parameter count, config overrides)
 PRESETS = (
     ("prior", "paper", 1.0e9, {}),
@@ -37,23 +39,11 @@ def main(argv: list[str]) -> list[dict]:
 
     import jax
 
-    from clipgen import config as config_lib
-    from clipgen import train
-    from clipgen.train import loop
-
     results = []
     for stage_name, preset, paper_count, overrides in PRESETS:
-        config = config_lib.load_preset(stage_name, preset)
-        for key, value in overrides.items():
-            section, field = key.split(".")
-            config[section][field] = value
-        if "embeddings" in config.data:
-            config.data.embeddings = "synthetic"  # the step's shapes only; no data is read
-            config.data.num_examples = dict(train=1024)  # the AR prior fits a 319-dim PCA on them
-        config.mesh = dict(data=args.devices // args.fsdp, fsdp=args.fsdp, tensor=1)
-        stage = train.trainer(config.stage).make_stage(config)
+        config = paper_step.paper_config(stage_name, preset, args.devices, args.fsdp, **overrides)
         start = time.perf_counter()
-        run = loop.prepare(config, stage, compile_step=False)
+        run = paper_step.prepare(config, compile_step=False)
         seconds = time.perf_counter() - start
         params = run.abstract_state.params
         count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -5,7 +5,7 @@ activations as temporaries), its FLOPs per step (XLA's cost analysis, per device
 step time and days for the paper's iteration count at a stated MFU of the chip's bf16 peak.
 
   python benchmarks/scaling.py --target=v5p-256 [--presets=prior,decoder,...] [--mfu=0.4]
-  python benchmarks/scaling.py --target=h100x64
+  python benchmarks/scaling.py --target=h100x64 --presets=decoder --remat=on
 
 Prints one JSON line per preset and remat setting; docs/scaling.md holds the table of both
 targets. Runs in a fresh process: it sets the fake device count. The memory figures are the
@@ -20,6 +20,8 @@ import json
 import os
 import sys
 import time
+
+import paper_step  # benchmarks/ is on sys.path
 
 # devices JAX sees, bf16 matmul peak per device (FLOP/s), memory per device (GiB)
 TARGETS = {
@@ -41,27 +43,16 @@ PRESETS = {
 def plan(name: str, target: dict, remat: bool, mfu: float, clip_tokenizer: str) -> dict:
     import jax
 
-    from clipgen import config as config_lib
-    from clipgen import train
-    from clipgen.train import loop
-
     file, preset, iterations = PRESETS[name]
-    config = config_lib.load_preset(file, preset)
+    config = paper_step.paper_config(
+        file, preset, target["devices"], target["fsdp"], clip_tokenizer
+    )
     if "remat" in config.model:
         config.model.remat = remat
     elif "unet" in config.model:
         config.model.unet.remat = remat
-    if "embeddings" in config.data:
-        config.data.embeddings = "synthetic"
-        config.data.num_examples = dict(train=1024)  # the AR prior fits a 319-dim PCA on them
-    if config.stage == "clip" and not clip_tokenizer:
-        config.data.tokenizer = "shapes"  # a small vocabulary: the token table is understated
-    elif config.stage == "clip":
-        config.data.tokenizer = clip_tokenizer
-    config.mesh = dict(data=target["devices"] // target["fsdp"], fsdp=target["fsdp"], tensor=1)
-    stage = train.trainer(config.stage).make_stage(config)
     start = time.perf_counter()
-    compiled = loop.prepare(config, stage).step
+    compiled = paper_step.prepare(config).step
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     analysis = compiled.cost_analysis()
@@ -96,17 +87,17 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--target", choices=sorted(TARGETS), default="h100x64")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--clip-tokenizer", default="", help=paper_step.CLIP_TOKENIZER_HELP)
     parser.add_argument(
-        "--clip-tokenizer",
-        default="",
-        help="OpenAI's bpe_simple_vocab_16e6.txt.gz (49,408 tokens; default: the shapes BPE)",
+        "--remat", choices=("both", "off", "on"), default="both", help="which rows to compile"
     )
     args = parser.parse_args(argv)
+    remat_settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.remat]
     target = dict(TARGETS[args.target], name=args.target)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={target['devices']}"
     results = []
     for name in args.presets.split(","):
-        for remat in (False, True):
+        for remat in remat_settings:
             try:
                 result = plan(name, target, remat, args.mfu, args.clip_tokenizer)
             except Exception as error:  # noqa: BLE001 - a preset that fails is a finding
