@@ -34,6 +34,11 @@ def _generator(resolution: int, workdir: str = "") -> ml_collections.ConfigDict:
         for spec in stages.cascade()
         if spec.role != "clip"
     }
+    blurs = {
+        f"{spec.name}_condition_blur": config_dict.placeholder(float)
+        for spec in stages.cascade()
+        if spec.role == "upsampler"
+    }
     return ml_collections.ConfigDict(
         {
             "type": "unclip",
@@ -42,6 +47,7 @@ def _generator(resolution: int, workdir: str = "") -> ml_collections.ConfigDict:
             "preset": "demo",
             "sampling": {
                 **respacings,
+                **blurs,
                 "prior_guidance": config_dict.placeholder(float),
                 "prior_best_of": config_dict.placeholder(int),
                 "decoder_guidance": config_dict.placeholder(float),
