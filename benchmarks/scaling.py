@@ -6,9 +6,12 @@ step time and days for the paper's iteration count at a stated MFU of the chip's
 
   python benchmarks/scaling.py --target=v5p-256 [--presets=prior,decoder,...] [--mfu=0.4]
   python benchmarks/scaling.py --target=h100x64 --presets=decoder --remat=on
+  python benchmarks/scaling.py --target=h100x64 --presets=upsampler --unpartitioned
 
 Prints one JSON line per preset and remat setting; docs/scaling.md holds the table of both
-targets. Runs in a fresh process: it sets the fake device count. The memory figures are the
+targets. `--unpartitioned` compiles one device's share of the target's batch on a single
+device, without SPMD partitioning: the FLOPs the partitioned step should count per device.
+Runs in a fresh process: it sets the fake device count. The memory figures are the
 CPU compiler's (its fusion differs from the accelerators'; arguments are exact, temporaries
 an estimate).
 """
@@ -40,13 +43,16 @@ PRESETS = {
 }
 
 
-def plan(name: str, target: dict, remat: bool, mfu: float, clip_tokenizer: str) -> dict:
+def plan(
+    name: str, target: dict, remat: bool, mfu: float, clip_tokenizer: str, unpartitioned: bool
+) -> dict:
     import jax
 
     file, preset, iterations = PRESETS[name]
-    config = paper_step.paper_config(
-        file, preset, target["devices"], target["fsdp"], clip_tokenizer
-    )
+    devices, fsdp = (1, 1) if unpartitioned else (target["devices"], target["fsdp"])
+    config = paper_step.paper_config(file, preset, devices, fsdp, clip_tokenizer)
+    if unpartitioned:
+        config.batch_size //= target["devices"]
     if "remat" in config.model:
         config.model.remat = remat
     elif "unet" in config.model:
@@ -68,6 +74,7 @@ def plan(name: str, target: dict, remat: bool, mfu: float, clip_tokenizer: str) 
         "mesh": dict(config.mesh),
         "global_batch": int(config.batch_size),
         "remat": remat,
+        "unpartitioned": unpartitioned,
         "state_gib_per_device": round(arguments / 2**30, 2),
         "activation_gib_per_device": round(temporaries / 2**30, 2),
         "total_gib_per_device": round(total / 2**30, 2),
@@ -91,15 +98,23 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument(
         "--remat", choices=("both", "off", "on"), default="both", help="which rows to compile"
     )
+    parser.add_argument(
+        "--unpartitioned",
+        action="store_true",
+        help="one device's share of the batch compiled on one device (a FLOP cross-check)",
+    )
     args = parser.parse_args(argv)
     remat_settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.remat]
     target = dict(TARGETS[args.target], name=args.target)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={target['devices']}"
+    devices = 1 if args.unpartitioned else target["devices"]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     results = []
     for name in args.presets.split(","):
         for remat in remat_settings:
             try:
-                result = plan(name, target, remat, args.mfu, args.clip_tokenizer)
+                result = plan(
+                    name, target, remat, args.mfu, args.clip_tokenizer, args.unpartitioned
+                )
             except Exception as error:  # noqa: BLE001 - a preset that fails is a finding
                 result = dict(preset=name, target=args.target, remat=remat, error=repr(error))
             print(json.dumps(result), flush=True)
