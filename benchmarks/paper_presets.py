@@ -1,9 +1,10 @@
 """The paper-scale presets, checked without training: parameter counts against unCLIP's
-Table 3 (and Kandinsky 2.2's 1B prior for the pOps operator), and each train step lowered
-(`jax.jit(...).lower`) on a mesh of fake CPU devices with FSDP, with the parameter and
-optimizer-state bytes every device holds (the operator also with LoRA adapters).
+Table 3 (Kandinsky 2.2's 1B prior for the pOps operator, OpenCLIP's ViT-H/14 for CLIP),
+and each train step lowered (`jax.jit(...).lower`) on a mesh of fake CPU devices with
+FSDP, with the parameter and optimizer-state bytes every device holds (the operator also
+with LoRA adapters).
 
-  python benchmarks/paper_presets.py [--devices=64] [--fsdp=8]
+  python benchmarks/paper_presets.py [--devices=64] [--fsdp=8] [--clip-tokenizer=...]
 
 Prints one JSON line per preset. Runs in a fresh process: it sets the fake device count.
 """
@@ -21,7 +22,9 @@ import paper_step  # benchmarks/ is on sys.path
 
 # (config file, preset, the paper's parameter count, config overrides)
 PRESETS = (
+    ("clip", "paper", 986e6, {}),  # OpenCLIP's ViT-H/14: 632M image + 354M text tower
     ("prior", "paper", 1.0e9, {}),
+    ("ar_prior", "paper", 1.0e9, {}),
     ("decoder", "paper", 3.5e9, {}),
     ("upsampler", "paper", 700e6, {}),
     ("upsampler", "second_paper", 300e6, {}),
@@ -34,6 +37,7 @@ def main(argv: list[str]) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=64)
     parser.add_argument("--fsdp", type=int, default=8)
+    parser.add_argument("--clip-tokenizer", default="", help=paper_step.CLIP_TOKENIZER_HELP)
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
@@ -41,7 +45,9 @@ def main(argv: list[str]) -> list[dict]:
 
     results = []
     for stage_name, preset, paper_count, overrides in PRESETS:
-        config = paper_step.paper_config(stage_name, preset, args.devices, args.fsdp, **overrides)
+        config = paper_step.paper_config(
+            stage_name, preset, args.devices, args.fsdp, args.clip_tokenizer, **overrides
+        )
         start = time.perf_counter()
         run = paper_step.prepare(config, compile_step=False)
         seconds = time.perf_counter() - start
