@@ -53,15 +53,9 @@ def train_step_record(name, preset, overrides, dtype, steps, warmup, peak) -> di
     from clipgen import train
     from clipgen.train import loop
 
-    config = config_lib.load_preset(name, preset)
+    config = config_lib.load_preset(name, preset, overrides)
     config.model.dtype = dtype
     config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    for key, value in overrides.items():
-        *path, field = key.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        section[field] = value
     if "embeddings" in config.data:
         config.data.embeddings = "synthetic"
         config.data.num_examples = dict(train=max(int(config.batch_size), 8))

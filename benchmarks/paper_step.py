@@ -17,17 +17,11 @@ def paper_config(
 ):
     """`configs/<file>.py:<preset>` on a data x fsdp mesh of `devices`: synthetic embeddings
     (the step's shapes only; 1,024 examples, from which the AR prior fits its 319-dim PCA),
-    CLIP's tokenizer `clip_tokenizer` or the shapes BPE, and `overrides` ("section.field" or
-    "section.sub.field" -> value)."""
+    CLIP's tokenizer `clip_tokenizer` or the shapes BPE, and `overrides` (dotted keys, as
+    clipgen.config.load_preset takes them)."""
     from clipgen import config as config_lib
 
-    config = config_lib.load_preset(file, preset)
-    for key, value in overrides.items():
-        *path, field = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[field] = value
+    config = config_lib.load_preset(file, preset, overrides)
     if "embeddings" in config.data:
         config.data.embeddings = "synthetic"
         config.data.num_examples = dict(train=1024)

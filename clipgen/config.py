@@ -128,10 +128,18 @@ def preset_path(name: str) -> Path:
     )
 
 
-def load_preset(name: str, preset: str) -> ml_collections.ConfigDict:
-    """`configs/<name>.py:<preset>` (see `preset_path`)."""
+def load_preset(name: str, preset: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """`configs/<name>.py:<preset>` (see `preset_path`) with `overrides` set, by dotted key
+    ("batch_size", "model.unet.remat") -> value."""
     path = preset_path(name)
     spec = importlib.util.spec_from_file_location(f"clipgen_configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(preset)
+    config = module.get_config(preset)
+    for key, value in (overrides or {}).items():
+        *path_to, field = key.split(".")
+        section = config
+        for part in path_to:
+            section = section[part]
+        section[field] = value
+    return config
