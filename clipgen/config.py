@@ -136,10 +136,5 @@ def load_preset(name: str, preset: str, overrides: dict | None = None) -> ml_col
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(preset)
-    for key, value in (overrides or {}).items():
-        *path_to, field = key.split(".")
-        section = config
-        for part in path_to:
-            section = section[part]
-        section[field] = value
+    config.update_from_flattened_dict(overrides or {})
     return config
