@@ -1,9 +1,12 @@
 """Compile time of the paper presets' train steps on a mesh of fake CPU devices, with their
-transformer blocks unrolled and as one `nn.scan` (model.scan), side by side in one run.
+repeated blocks unrolled and scanned, side by side in one run: the transformers' blocks as
+one `nn.scan` (model.scan), the UNets' runs of identical ResBlocks as one each
+(model.unet.scan).
 
   python benchmarks/compile_time.py [--devices=64] [--fsdp=8] [--presets=prior,clip,ar_prior]
-      [--clip-tokenizer=bpe_simple_vocab_16e6.txt.gz]
+      [--layouts=unrolled,scan] [--clip-tokenizer=bpe_simple_vocab_16e6.txt.gz]
 
+A preset is a config file (its `paper` preset) or FILE:PRESET, e.g. upsampler:second_paper.
 Prints one JSON line per preset and layout: seconds to lower and to compile the step.
 Runs in a fresh process: it sets the fake device count.
 """
@@ -24,15 +27,21 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--devices", type=int, default=64)
     parser.add_argument("--fsdp", type=int, default=8)
     parser.add_argument("--presets", default="prior,clip,ar_prior")
+    parser.add_argument("--layouts", default="unrolled,scan")
     parser.add_argument("--clip-tokenizer", default="", help=paper_step.CLIP_TOKENIZER_HELP)
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
     results = []
-    for name in args.presets.split(","):
-        for scan in (False, True):
+    for entry in args.presets.split(","):
+        name, _, preset = entry.partition(":")
+        for layout in args.layouts.split(","):
+            if layout not in ("unrolled", "scan"):
+                parser.error(f"--layouts: {layout!r} is not unrolled or scan")
+            scan = layout == "scan"
+            key = "model.unet.scan" if name in ("decoder", "upsampler", "unet") else "model.scan"
             config = paper_step.paper_config(
-                name, "paper", args.devices, args.fsdp, args.clip_tokenizer, **{"model.scan": scan}
+                name, preset or "paper", args.devices, args.fsdp, args.clip_tokenizer, **{key: scan}
             )
             start = time.perf_counter()
             lowered = paper_step.prepare(config, compile_step=False).step
@@ -40,7 +49,7 @@ def main(argv: list[str]) -> list[dict]:
             lowered.compile()
             done = time.perf_counter()
             result = {
-                "config": f"configs/{name}.py:paper",
+                "config": f"configs/{name}.py:{preset or 'paper'}",
                 "scan": scan,
                 "devices": args.devices,
                 "lower_s": round(lowered_at - start, 2),

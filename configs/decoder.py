@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
         norm_groups=8,
         encoder_dim=64,
         remat=False,
+        scan=False,  # runs of identical ResBlocks as one nn.scan each (UNetConfig.scan)
     )
     config.diffusion = dict(
         schedule="cosine", timesteps=1000, prediction="eps", variance="learned_range"

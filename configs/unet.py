@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
         norm_groups=8,
         dropout=0.0,
         remat=False,
+        scan=False,  # runs of identical ResBlocks as one nn.scan each (UNetConfig.scan)
     )
     config.diffusion = dict(
         schedule="linear", timesteps=1000, prediction="eps", variance="fixed_small"

@@ -1,7 +1,7 @@
 """clipgen's UNet, Decoder and Upsampler: against diffusers' Karlo UNets (tiny random models
 saved with `save_pretrained`, loaded by `clipgen.weights.load_unet`, called as the UnCLIP
 pipeline calls them), strict loading, and the clipgen-native modules at several sizes, with
-and without gradient checkpointing."""
+and without gradient checkpointing, and with runs of identical blocks scanned."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pytest
 import safetensors.numpy
 from flax import linen as nn
 
+from clipgen import config as config_lib
 from clipgen.errors import InputError
 from clipgen.models.clip import TextConfig
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
-from clipgen.models.unet import UNet, UNetConfig, init_unet
+from clipgen.models.unet import UNet, UNetConfig, block_runs, init_unet, stack_runs, unstack_runs
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
 from clipgen.weights import load_unet
 
@@ -241,7 +242,7 @@ def ddpm_dir(tmp_path_factory):
     return path, model
 
 
-def test_ddpm_256_layout_matches_diffusers(ddpm_dir):
+def test_ddpm_256_layout_matches_diffusers_unrolled_and_scanned(ddpm_dir):
     path, model = ddpm_dir
     module, params = load_unet(path)
     assert isinstance(module, UNet)
@@ -254,6 +255,11 @@ def test_ddpm_256_layout_matches_diffusers(ddpm_dir):
     with torch.no_grad():
         expected = model(sample=_torch(sample), timestep=_torch(timesteps)).sample.numpy()
     got = jax.jit(module.apply)(params, _nchw_to_nhwc(sample), timesteps)
+    np.testing.assert_allclose(np.asarray(got), _nchw_to_nhwc(expected), atol=TOL, rtol=0)
+
+    scanned, stacked = load_unet(path, scan=True)
+    assert scanned.config.scan and "down0_run0" in stacked["params"]
+    got = jax.jit(scanned.apply)(stacked, _nchw_to_nhwc(sample), timesteps)
     np.testing.assert_allclose(np.asarray(got), _nchw_to_nhwc(expected), atol=TOL, rtol=0)
 
 
@@ -392,3 +398,55 @@ def test_remat_gives_the_same_output_and_gradients():
     np.testing.assert_allclose(float(remat_value), float(value), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
+
+
+def test_block_runs_of_the_paper_decoder():
+    # Three blocks a level down, four up, widths 512 to 2,048: a level's first down block
+    # changes the width, and the up blocks' skips change width at each level's ends.
+    unet = UNetConfig(**config_lib.load_preset("decoder", "paper").model.unet.to_dict())
+    runs = block_runs(unet)
+    down = [count for level in range(4) for _, count in runs["down", level] if count > 1]
+    up = [count for level in (3, 2, 1, 0) for _, count in runs["up", level] if count > 1]
+    assert (down, up) == ([3, 2, 2, 2], [3, 2, 2, 3])
+    bodies = sum(len(level_runs) for level_runs in runs.values())
+    assert bodies == 28 - 19 + 8
+
+
+def test_scan_gives_the_same_output_and_gradients():
+    # One level of four blocks up and three down: a run of each, and an unrolled mid.
+    tiny = dict(channel_mult=(1,), attention_resolutions=(1,), num_res_blocks=3, dropout=0.0)
+    plain = UNet(_tiny_unet(**tiny))
+    scanned = UNet(_tiny_unet(**tiny, scan=True, remat=True))
+    params = _random_variables(lambda key: init_unet(plain, key, 8, encoder_length=3), 6)
+    stacked = {"params": stack_runs(params["params"], plain.config)}
+    scan_shapes = jax.eval_shape(
+        lambda key: nn.meta.unbox(init_unet(scanned, key, 8, encoder_length=3)),
+        jax.random.key(0),
+    )
+    assert jax.tree.map(jnp.shape, scan_shapes) == jax.tree.map(jnp.shape, stacked)
+    assert sorted(k for k in stacked["params"] if "_run" in k) == ["down0_run0", "up0_run0"]
+    restored = unstack_runs(stacked["params"], plain.config)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(params["params"])
+
+    rng = np.random.RandomState(7)
+    x = rng.randn(2, 8, 8, 3).astype(np.float32)
+    tokens = rng.randn(2, 3, 16).astype(np.float32)
+    token_mask = np.array([[1, 1, 1], [1, 0, 0]], bool)
+
+    def loss(module, variables):
+        out = module.apply(variables, x, np.array([3, 700]), None, tokens, token_mask)
+        return jnp.mean(out**2), out
+
+    (value, out), grads = jax.jit(jax.value_and_grad(lambda v: loss(plain, v), has_aux=True))(
+        params
+    )
+    (scan_value, scan_out), scan_grads = jax.jit(
+        jax.value_and_grad(lambda v: loss(scanned, v), has_aux=True)
+    )(stacked)
+    np.testing.assert_allclose(np.asarray(scan_out), np.asarray(out), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(scan_value), float(value), rtol=1e-5)
+    want = stack_runs(grads["params"], plain.config)
+    for got, expected in zip(
+        jax.tree.leaves(scan_grads["params"]), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-4)

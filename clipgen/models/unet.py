@@ -10,6 +10,12 @@ own projections (GLIDE's `encoder_kv`), and a middle block of ResBlock-attention
 Parameters are float32; `dtype` sets the compute precision. `init_unet` returns boxed
 variables whose kernels carry logical axis names (conv output channels are "conv_out");
 `flax.linen.meta.unbox` gives plain arrays.
+
+With `UNetConfig.scan` each run of ResBlocks (and their attention) within a level whose
+inputs have one shape (`block_runs`) is one `nn.scan`: XLA compiles its body once instead
+of once per block. A run's params are its blocks' stacked, under "down2_run1" for the run
+from the second block of the third level down; `stack_runs` and `unstack_runs` convert
+between the two layouts.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class UNetConfig:
     encoder_dim: int | None = None
     time_embed_dim: int | None = None
     remat: bool = False
+    scan: bool = False  # runs of identically shaped ResBlocks as one nn.scan each
     # The original DDPM's conventions (diffusers' UNet2DModel fields of the same names):
     # [sin | cos] timestep features with frequency shift 1, and strided-conv downsampling
     # padded by one on the right and bottom only (downsample_padding 0) instead of both sides.
@@ -266,6 +273,101 @@ class AttentionBlock(nn.Module):
         return x + out.reshape(x.shape)
 
 
+def block_runs(config: UNetConfig) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """Each level's ResBlocks, down path ("down", level) and up path ("up", level), as
+    (first, count) runs of consecutive blocks whose inputs have the same width (and so the
+    same parameter shapes); `scan` makes each run of two or more one `nn.scan`."""
+    widths = [config.channels * mult for mult in config.channel_mult]
+    last = len(widths) - 1
+    blocks = config.num_res_blocks
+    inputs: dict[tuple[str, int], list[Any]] = {}
+    skip_widths = [widths[0]]  # conv_in's output, then what each down block pushes
+    for level, width in enumerate(widths):
+        entering = widths[level - 1] if level else widths[0]
+        inputs["down", level] = [entering] + [width] * (blocks - 1)
+        skip_widths += [width] * blocks + ([width] if level < last else [])
+    h_width = widths[-1]
+    for level in reversed(range(len(widths))):
+        inputs["up", level] = []
+        for _ in range(blocks + 1):
+            inputs["up", level].append((h_width, skip_widths.pop()))
+            h_width = widths[level]
+    runs = {}
+    for key, shapes in inputs.items():
+        runs[key] = []
+        for index, shape in enumerate(shapes):
+            if index and shape == shapes[index - 1]:
+                first, count = runs[key][-1]
+                runs[key][-1] = (first, count + 1)
+            else:
+                runs[key].append((index, 1))
+    return runs
+
+
+def _scanned_runs(config: UNetConfig):
+    """(names of the unrolled blocks, name of the run, has attention) per run of 2+."""
+    for (path, level), runs in block_runs(config).items():
+        attention = 2**level in config.attention_resolutions
+        for first, count in runs:
+            if count > 1:
+                blocks = [f"{path}{level}_{{}}{i}" for i in range(first, first + count)]
+                yield blocks, f"{path}{level}_run{first}", attention
+
+
+def stack_runs(params: dict[str, Any], config: UNetConfig) -> dict[str, Any]:
+    """A UNet's unrolled params (e.g. converted public weights) in the layout of the same
+    UNet built with `scan`: each run's blocks stacked on a leading axis."""
+    params = dict(params)
+    for blocks, run, attention in _scanned_runs(config):
+        parts = ("res", "attn") if attention else ("res",)
+        params[run] = {
+            part: jax.tree_util.tree_map(
+                lambda *leaves: jnp.stack(leaves),
+                *[params.pop(block.format(part)) for block in blocks],
+            )
+            for part in parts
+        }
+    return params
+
+
+def unstack_runs(params: dict[str, Any], config: UNetConfig) -> dict[str, Any]:
+    """A scanned UNet's params in the unrolled layout (`stack_runs` undone)."""
+    params = dict(params)
+    for blocks, run, _ in _scanned_runs(config):
+        stacked = params.pop(run)
+        for part, tree in stacked.items():
+            for index, block in enumerate(blocks):
+                params[block.format(part)] = jax.tree_util.tree_map(
+                    lambda x, index=index: x[index], tree
+                )
+    return params
+
+
+class _RunBody(nn.Module):
+    """One step of a scanned run: the skip (up path) joined, a ResBlock, its attention.
+    Returns (h, h) on the down path, where every output is a skip, else (h, None)."""
+
+    out_channels: int
+    config: UNetConfig
+    attention: bool
+    up: bool
+    deterministic: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, skip, emb, encoder_tokens, encoder_mask):
+        if self.up:
+            h = jnp.concatenate([h, skip], axis=-1)
+        h = ResBlock(self.out_channels, self.config, None, self.dtype, name="res")(
+            h, emb, self.deterministic
+        )
+        if self.attention:
+            h = AttentionBlock(self.config, self.dtype, name="attn")(
+                h, encoder_tokens, encoder_mask
+            )
+        return h, None if self.up else h
+
+
 class UNet(nn.Module):
     """The ADM UNet: timestep embedding, down path, middle, up path with skip connections,
     GroupNorm-SiLU and a zero-initialised output conv. Output is float32 NHWC."""
@@ -311,6 +413,24 @@ class UNet(nn.Module):
         def attend(h, name):
             return attention_block(cfg, dtype, name=name)(h, encoder_tokens, encoder_mask)
 
+        def run(h, run_skips, width, level, first, count, up):
+            body = nn.remat(_RunBody) if cfg.remat else _RunBody
+            scanned = nn.scan(
+                body,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0 if up else nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=count,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            attention = 2**level in cfg.attention_resolutions
+            path = "up" if up else "down"
+            name = f"{path}{level}_run{first}"
+            module = scanned(width, cfg, attention, up, deterministic, dtype, name=name)
+            return module(h, run_skips, emb, encoder_tokens, encoder_mask)
+
+        runs = block_runs(cfg)
+
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
         emb = timestep_embedding(
             t, cfg.channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
@@ -325,11 +445,16 @@ class UNet(nn.Module):
         h = _conv(widths[0], 3, dtype, "conv_in")(x.astype(dtype))
         skips = [h]
         for level, width in enumerate(widths):
-            for i in range(cfg.num_res_blocks):
-                h = res(h, width, f"down{level}_res{i}")
-                if 2**level in cfg.attention_resolutions:
-                    h = attend(h, f"down{level}_attn{i}")
-                skips.append(h)
+            for first, count in runs["down", level]:
+                if cfg.scan and count > 1:
+                    h, outputs = run(h, None, width, level, first, count, up=False)
+                    skips.extend(outputs[i] for i in range(count))
+                    continue
+                for i in range(first, first + count):
+                    h = res(h, width, f"down{level}_res{i}")
+                    if 2**level in cfg.attention_resolutions:
+                        h = attend(h, f"down{level}_attn{i}")
+                    skips.append(h)
             if level < last:
                 if cfg.resblock_updown:
                     h = res(h, width, f"down{level}_resample", "down")
@@ -347,10 +472,16 @@ class UNet(nn.Module):
 
         for level in reversed(range(len(widths))):
             width = widths[level]
-            for i in range(cfg.num_res_blocks + 1):
-                h = res(jnp.concatenate([h, skips.pop()], axis=-1), width, f"up{level}_res{i}")
-                if 2**level in cfg.attention_resolutions:
-                    h = attend(h, f"up{level}_attn{i}")
+            for first, count in runs["up", level]:
+                if cfg.scan and count > 1:
+                    taken = jnp.stack([skips.pop() for _ in range(count)])
+                    h, _ = run(h, taken, width, level, first, count, up=True)
+                    continue
+                for i in range(first, first + count):
+                    skip = skips.pop()
+                    h = res(jnp.concatenate([h, skip], axis=-1), width, f"up{level}_res{i}")
+                    if 2**level in cfg.attention_resolutions:
+                        h = attend(h, f"up{level}_attn{i}")
             if level > 0:
                 if cfg.resblock_updown:
                     h = res(h, width, f"up{level}_resample", "up")

@@ -28,6 +28,7 @@ type or that clipgen cannot express raises an InputError naming the file and the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from clipgen.data.json_input import (
 )
 from clipgen.errors import InputError
 from clipgen.models.decoder import Decoder, DecoderConfig, init_decoder
-from clipgen.models.unet import UNet, UNetConfig, init_unet
+from clipgen.models.unet import UNet, UNetConfig, init_unet, stack_runs, unstack_runs
 from clipgen.models.upsampler import Upsampler, UpsamplerConfig, init_upsampler
 from clipgen.weights.convert import Rule, fill_params, linear_rules, norm_rules, read_weights
 from clipgen.weights.unet2d import (
@@ -313,18 +314,23 @@ def _abstract_params(init_fn: Any) -> dict[str, Any]:
 
 
 def _fill_unet(abstract: dict[str, Any], cfg: UNetConfig, directory: Path) -> dict[str, Any]:
+    """The UNet's params from the directory's tensors, converted in the unrolled layout and
+    stacked when `cfg.scan` builds runs of blocks as scans."""
+    if cfg.scan:
+        abstract = jax.eval_shape(lambda params: unstack_runs(params, cfg), abstract)
     rules = unet_rules(abstract, len(cfg.channel_mult))
     tensors, source, origins = read_weights(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     filled = fill_params(
         abstract, rules, tensors, lambda key: False, source, f"UNet {cfg}", origins
-    )
-    return filled["params"]
+    )["params"]
+    return stack_runs(filled, cfg) if cfg.scan else filled
 
 
 def load_unet(
     path: str | Path,
     dtype: Any = jnp.float32,
     text_proj_path: str | Path | None = None,
+    scan: bool = False,
 ) -> tuple[Decoder | Upsampler | UNet, dict[str, Any]]:
     """(module, params) from a diffusers UNet directory; params are plain float32 arrays.
     A damaged or mismatched directory raises an InputError naming the file.
@@ -333,7 +339,8 @@ def load_unet(
     (default: the sibling directory `text_proj`, as in a Karlo pipeline folder);
     `UNet2DModel` -> `Upsampler` (bicubic resize) when in_channels is twice the image
     channels (out_channels or half of it), else `UNet`. See the module docstring for the
-    call convention."""
+    call convention. With `scan` the UNet runs its runs of identical blocks as scans
+    (`UNetConfig.scan`), their weights stacked."""
     path = Path(path)
     config = read_config(path)
     class_name = config.get("_class_name")
@@ -354,6 +361,8 @@ def load_unet(
                 f"{proj_source} describes a {proj_class!r}, not an UnCLIPTextProjModel"
             )
         decoder_config = decoder_config_from_diffusers(config, proj_config, source, proj_source)
+        unet_config = dataclasses.replace(decoder_config.unet, scan=scan)
+        decoder_config = dataclasses.replace(decoder_config, unet=unet_config)
         module = Decoder(decoder_config, dtype)
         size = decoder_config.unet.downsampling
         abstract = _abstract_params(lambda rng: init_decoder(module, rng, size))
@@ -371,7 +380,7 @@ def load_unet(
         return module, {"params": {"unet": unet_params, "conditioning": conditioning}}
 
     if class_name == "UNet2DModel":
-        unet2d = unet2d_config_from_diffusers(config, source)
+        unet2d = dataclasses.replace(unet2d_config_from_diffusers(config, source), scan=scan)
         size = unet2d.downsampling
         half = unet2d.in_channels // 2
         if unet2d.in_channels % 2 == 0 and unet2d.out_channels in (half, 2 * half):
