@@ -16,7 +16,8 @@ def paper_config(
     file: str, preset: str, devices: int, fsdp: int, clip_tokenizer: str = "", **overrides: Any
 ):
     """`configs/<file>.py:<preset>` on a data x fsdp mesh of `devices`: synthetic embeddings
-    (the step's shapes only; 1,024 examples, from which the AR prior fits its 319-dim PCA),
+    (the step's shapes only; 1,024 examples, from which the AR prior fits its 319-dim PCA)
+    or the shapes world's images in place of an image folder,
     CLIP's tokenizer `clip_tokenizer` or the shapes BPE, and `overrides` (dotted keys, as
     clipgen.config.load_preset takes them)."""
     from clipgen import config as config_lib
@@ -25,6 +26,8 @@ def paper_config(
     if "embeddings" in config.data:
         config.data.embeddings = "synthetic"
         config.data.num_examples = dict(train=1024)
+    if config.data.get("folder"):
+        config.data.folder = ""  # the shapes world at the preset's resolution
     if config.stage == "clip":
         config.data.tokenizer = clip_tokenizer or "shapes"
     config.mesh = dict(data=devices // fsdp, fsdp=fsdp, tensor=1)

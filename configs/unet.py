@@ -80,6 +80,7 @@ def get_config(arg: str | None = None):
             freq_shift=1.0,
             downsample_padding=0,
             remat=True,
+            scan=False,
         )
         config.data.resolution = 256
         config.data.folder = "celeba_hq_256"
