@@ -339,8 +339,8 @@ def load_unet(
     (default: the sibling directory `text_proj`, as in a Karlo pipeline folder);
     `UNet2DModel` -> `Upsampler` (bicubic resize) when in_channels is twice the image
     channels (out_channels or half of it), else `UNet`. See the module docstring for the
-    call convention. With `scan` the UNet runs its runs of identical blocks as scans
-    (`UNetConfig.scan`), their weights stacked."""
+    call convention. With `scan` the module scans its UNet's runs of identical blocks
+    (`UNetConfig.scan`) and their weights come stacked."""
     path = Path(path)
     config = read_config(path)
     class_name = config.get("_class_name")
