@@ -30,18 +30,23 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--layouts", default="unrolled,scan")
     parser.add_argument("--clip-tokenizer", default="", help=paper_step.CLIP_TOKENIZER_HELP)
     args = parser.parse_args(argv)
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"unrolled", "scan"}:
+        parser.error(f"--layouts: {args.layouts!r} names other than unrolled and scan")
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    from clipgen import config as config_lib
 
     results = []
     for entry in args.presets.split(","):
         name, _, preset = entry.partition(":")
-        for layout in args.layouts.split(","):
-            if layout not in ("unrolled", "scan"):
-                parser.error(f"--layouts: {layout!r} is not unrolled or scan")
+        preset = preset or "paper"
+        # A UNet's scan option sits in its model.unet section, a transformer's in model.
+        unet = "unet" in config_lib.load_preset(name, preset).model
+        key = "model.unet.scan" if unet else "model.scan"
+        for layout in layouts:
             scan = layout == "scan"
-            key = "model.unet.scan" if name in ("decoder", "upsampler", "unet") else "model.scan"
             config = paper_step.paper_config(
-                name, preset or "paper", args.devices, args.fsdp, args.clip_tokenizer, **{key: scan}
+                name, preset, args.devices, args.fsdp, args.clip_tokenizer, **{key: scan}
             )
             start = time.perf_counter()
             lowered = paper_step.prepare(config, compile_step=False).step
@@ -49,7 +54,7 @@ def main(argv: list[str]) -> list[dict]:
             lowered.compile()
             done = time.perf_counter()
             result = {
-                "config": f"configs/{name}.py:{preset or 'paper'}",
+                "config": f"configs/{name}.py:{preset}",
                 "scan": scan,
                 "devices": args.devices,
                 "lower_s": round(lowered_at - start, 2),

@@ -17,8 +17,8 @@ def paper_config(
 ):
     """`configs/<file>.py:<preset>` on a data x fsdp mesh of `devices`: synthetic embeddings
     (the step's shapes only; 1,024 examples, from which the AR prior fits its 319-dim PCA)
-    or the shapes world's images in place of an image folder,
-    CLIP's tokenizer `clip_tokenizer` or the shapes BPE, and `overrides` (dotted keys, as
+    or the shapes world's images in place of an image folder, CLIP's tokenizer
+    `clip_tokenizer` or the shapes BPE, and `overrides` (dotted keys, as
     clipgen.config.load_preset takes them)."""
     from clipgen import config as config_lib
 

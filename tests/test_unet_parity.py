@@ -427,6 +427,8 @@ def test_scan_gives_the_same_output_and_gradients():
     assert sorted(k for k in stacked["params"] if "_run" in k) == ["down0_run0", "up0_run0"]
     restored = unstack_runs(stacked["params"], plain.config)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(params["params"])
+    for back, original in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(original))
 
     rng = np.random.RandomState(7)
     x = rng.randn(2, 8, 8, 3).astype(np.float32)
