@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from clipgen import build
 from clipgen.data import preprocess
 from clipgen.eval import registry
 from clipgen.eval.retrieval import retrieval_accuracy
-from clipgen.models.clip import CLIP
+from clipgen.models.clip import CLIP, VisionConfig, VisionTower
 from clipgen.train import clip as clip_stage
 from clipgen.train import loop
 
@@ -29,6 +30,32 @@ def clip_config(preset="tiny"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset)
+
+
+def test_convolutional_stem_is_strided_convolutions_then_a_projection():
+    """The stem's patch tokens equal 3x3 stride-2 convolutions with the tower's activation
+    written out with lax, then the 1x1 projection; a stem that makes the wrong patch size
+    is refused."""
+    config = VisionConfig(32, 8, 16, 1, 2, 32, act="gelu", stem_channels=(4, 8, 12))
+    tower = VisionTower(config)
+    pixels = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    params = nn.unbox(tower.init(jax.random.key(1), pixels))["params"]
+    _, state = tower.apply(
+        {"params": params}, pixels, capture_intermediates=lambda m, _: m.name == "patch_embed"
+    )
+    [tokens] = state["intermediates"]["patch_embed"]["__call__"]
+    x = pixels
+    for index in range(3):
+        conv = params[f"stem_{index}"]
+        x = jax.lax.conv_general_dilated(
+            x, conv["kernel"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        x = jax.nn.gelu(x + conv["bias"], approximate=False)
+    expected = x @ params["patch_embed"]["kernel"][0, 0]
+    assert tokens.shape == (2, 4, 4, 16)
+    np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="log2\\(patch_size\\)"):
+        VisionConfig(32, 8, 16, 1, 2, 32, stem_channels=(4, 8))
 
 
 def test_contrastive_loss_matches_its_definition():

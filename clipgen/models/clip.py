@@ -52,9 +52,20 @@ class VisionConfig:
     # The std of the position embeddings at init; the shapes world's CLIP learns positions
     # several times faster from 1.0 than from CLIP's 0.02 (configs/clip.py).
     position_init: float = 0.02
+    # Output channels of 3x3 stride-2 convolutions in place of the patchify's first
+    # log2(patch_size) halvings (Xiao et al. 2021, "Early convolutions help transformers see
+    # better"), a 1x1 projection to `width` after them; () is CLIP's linear patchify.
+    stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
         _check_activation(self.act)
+        object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
+        if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ValueError(
+                f"VisionConfig: a convolutional stem of {len(self.stem_channels)} stride-2 "
+                f"convolutions makes {2 ** len(self.stem_channels)} px patches, not "
+                f"patch_size {self.patch_size}: give log2(patch_size) stem_channels"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"VisionConfig: image_size {self.image_size} is not a multiple of "
@@ -197,10 +208,23 @@ class VisionTower(nn.Module):
 
     def setup(self):
         cfg = self.config
+        self.stem = [
+            nn.Conv(
+                channels,
+                (3, 3),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=f"stem_{index}",
+            )
+            for index, channels in enumerate(cfg.stem_channels)
+        ]
+        patch = 1 if cfg.stem_channels else cfg.patch_size
         self.patch_embed = nn.Conv(
             cfg.width,
-            (cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size),
+            (patch, patch),
+            strides=(patch, patch),
             padding="VALID",
             use_bias=False,
             dtype=self.dtype,
@@ -232,7 +256,10 @@ class VisionTower(nn.Module):
             raise ValueError(
                 f"CLIP expects NHWC images of shape (B, {expected}), got {pixels.shape}"
             )
-        patches = self.patch_embed(pixels.astype(self.dtype))
+        x = pixels.astype(self.dtype)
+        for conv in self.stem:
+            x = _ACTIVATIONS[cfg.act](conv(x))
+        patches = self.patch_embed(x)
         patches = patches.reshape(patches.shape[0], -1, cfg.width)
         class_token = jnp.broadcast_to(
             self.class_embed.astype(self.dtype), (patches.shape[0], 1, cfg.width)
