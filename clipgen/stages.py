@@ -57,16 +57,17 @@ class StageSpec:
 
 
 # Demo speeds and set-up minutes as a 30-minute run measured them on an idle machine (CLIP's
-# from a 400-step run of its demo preset). CLIP's 8 px patches leave the decoder, which
-# learns slowest, more than half the training time.
+# from 840-step runs of its demo preset: its convolutional stem costs 11% of the 168 steps a
+# minute of the 8 px patchify). CLIP's 8 px patches leave the decoder, which learns slowest,
+# more than half the training time.
 STAGES = (
-    StageSpec("clip", "clip", "clip", "clip", None, demo=DemoPlan(0.20, 168.0, 0.3)),
+    StageSpec("clip", "clip", "clip", "clip", None, demo=DemoPlan(0.225, 149.0, 0.3)),
     StageSpec("prior", "prior", "prior", "prior", 1, demo=DemoPlan(0.12, 143.0, 0.8)),
     StageSpec("ar_prior", "ar_prior", "ar_prior", None, None),
     StageSpec("operator", "operator", "operator", None, 7),
     StageSpec("unet", "unet", "unet", None, 8),
     StageSpec("edit", "edit", "edit", None, 9),
-    StageSpec("decoder", "decoder", "decoder", "decoder", 2, demo=DemoPlan(0.54, 270.0, 1.0)),
+    StageSpec("decoder", "decoder", "decoder", "decoder", 2, demo=DemoPlan(0.515, 270.0, 1.0)),
     StageSpec(
         "upsampler", "upsampler", "upsampler", "upsampler", 3, demo=DemoPlan(0.07, 346.0, 0.45)
     ),

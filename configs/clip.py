@@ -2,7 +2,8 @@
 
 Presets (`--config=configs/clip.py:<preset>`):
   tiny   a few steps of a very small model, for tests;
-  demo   the shapes world on one CPU: 32 px ViT with 4 px patches, shapes BPE;
+  demo   the shapes world on one CPU: 32 px ViT, a convolutional stem to 8 px patches,
+         shapes BPE;
   paper  ViT-H/16 at 256 px, text width 1024 x 24 (unCLIP paper, appendix C);
          trained on a real image-caption set, with OpenAI's BPE (give its path).
 """
@@ -101,6 +102,16 @@ def get_config(arg: str | None = None):
         config.mesh = dict(data=-1, fsdp=8, tensor=1)
         config.checkpoint.every = 2000
         config.eval_every = 5000
-    elif preset != "demo":
+    elif preset == "demo":
+        # Measured after the fixed plan's 840 steps with benchmarks/clip_probe.py (linear
+        # probes of the image embedding on single-object test / held-out scenes; caption ->
+        # image retrieval among 500). A constant learning rate after the warm-up instead of
+        # the cosine decay to zero: shape 64.2% -> 73.8% (held-out 28.6% -> 34.8%), retrieval
+        # 93.2% -> 94.8% (held-out 84.6% -> 89.0%). Then a convolutional stem in place of the
+        # 8 px patchify (12% slower a step): shape 99.4% (held-out 80.6%), retrieval 99.4%
+        # (held-out 94.6%).
+        config.optim.schedule = "constant"
+        config.model.vision.stem_channels = (32, 64, 128)
+    else:
         raise ValueError(f"configs/clip.py: unknown preset {preset!r} (tiny, demo, paper)")
     return config
