@@ -98,9 +98,9 @@ class Evaluator(registry.StageEvaluator):
                     ("true_", arrays["target"]),
                 ):
                     found[f"{what}oracle_whole"] = self._oracle(embeds[rendered], scenes[rendered])
-                found["oracle_ratio"] = found["oracle_whole"] / max(
-                    found["true_oracle_whole"], 1e-9
-                )
+                # Undefined, so left out, when the decoder draws none of the true targets.
+                if found["true_oracle_whole"] > 0:
+                    found["oracle_ratio"] = found["oracle_whole"] / found["true_oracle_whole"]
             results.update({f"{split}/{key}": value for key, value in found.items()})
         return results
 
