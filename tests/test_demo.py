@@ -8,6 +8,7 @@ from PIL import Image
 
 from clipgen import demo
 from clipgen.data import shapes_tfds
+from clipgen.errors import InputError
 
 GRIDS = ("samples.png", "variations.png", "interpolation.png", "textdiff.png", "edit.png")
 
@@ -73,22 +74,49 @@ def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):
     assert sum(spec.demo.share for spec in demo.PLAN) == pytest.approx(1.0)
 
 
-def test_stage_deadlines_keep_time_for_later_stages():
-    """On schedule a stage may run 1.1x its share; however late it starts, it stops with
-    at least half of every later stage's share left before the end of training."""
-    seconds, end = 1000.0, 1000.0
-    start = 0.0
+@pytest.mark.parametrize("minutes", [15.0, 30.0, 60.0])
+def test_stage_deadlines_keep_time_for_later_stages(minutes):
+    """On schedule no stage is stopped before its planned training ends; however late it
+    starts, it stops within 1.1x its share and leaves its own set-up (its evaluation) and
+    each later stage its set-up plus half its training time."""
+    seconds = 60.0 * demo.training_minutes(minutes)
+    end, start = seconds, 0.0
+
+    def setup(spec):
+        return 60.0 * spec.demo.setup_minutes
+
     for index, spec in enumerate(demo.PLAN):
-        plan = spec.demo
-        later = sum(p.demo.share for p in demo.PLAN[index + 1 :])
+        share = spec.demo.share * seconds
+        later = demo.PLAN[index + 1 :]
+        kept = setup(spec) + sum(
+            setup(s) + 0.5 * (s.demo.share * seconds - setup(s)) for s in later
+        )
         on_time = demo.stage_deadline(index, start, end, seconds)
-        assert on_time == pytest.approx(min(start + 1.1 * plan.share * seconds, end))
+        assert on_time >= start + share - setup(spec) - 1e-9
         for late in (start, start + 100.0, end - 1.0, end + 50.0):
             deadline = demo.stage_deadline(index, late, end, seconds)
-            assert deadline <= late + 1.1 * plan.share * seconds + 1e-9
-            assert end - deadline >= 0.5 * later * seconds - 1e-9
-        start += plan.share * seconds
-    assert demo.stage_deadline(len(demo.PLAN) - 1, end + 5.0, end, seconds) == end
+            assert deadline <= late + 1.1 * share + 1e-9
+            assert end - deadline >= kept - 1e-9
+        start += share
+
+
+def test_a_budget_too_small_for_every_stage_is_refused(tmp_path):
+    smallest = demo.minimum_budget_minutes()
+    for spec in demo.PLAN:
+        plan = spec.demo
+        unclamped = plan.share * demo.training_minutes(smallest) - plan.setup_minutes
+        assert unclamped * plan.steps_per_minute >= demo.MIN_STEPS - 1e-6
+    starved = [
+        spec.name
+        for spec in demo.PLAN
+        if (spec.demo.share * demo.training_minutes(smallest - 0.5) - spec.demo.setup_minutes)
+        * spec.demo.steps_per_minute
+        < demo.MIN_STEPS
+    ]
+    assert starved  # the bound is tight: half a minute less starves a stage
+    with pytest.raises(InputError, match="--minutes 10: a budgeted demo needs at least"):
+        demo.run(tmp_path / "run", minutes=10.0, budget=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_step_timer_leaves_out_the_first_step_and_sets_a_slower_pace():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from clipgen.data.files import atomic_write
 from clipgen.data.pipeline import ProceduralShapes
 from clipgen.demo import edit as demo_edit
 from clipgen.demo import operators as demo_operators
+from clipgen.errors import InputError
 from clipgen.eval import oracle, registry
 from clipgen.pipelines import embed
 from clipgen.stages import StageSpec
@@ -183,13 +185,34 @@ class Progress:
         return left + RESERVED_MINUTES
 
 
+def minimum_budget_minutes() -> float:
+    """The smallest budget in which every stage's share buys its set-up and MIN_STEPS steps
+    at its measured speed (a smaller one would leave a stage, the last upsampler first, a
+    single step)."""
+    stage_minutes = (
+        (spec.demo.setup_minutes + MIN_STEPS / spec.demo.steps_per_minute) / spec.demo.share
+        for spec in PLAN
+    )
+    return max(stage_minutes) + RESERVED_MINUTES
+
+
 def stage_deadline(index: int, now: float, training_end: float, training_seconds: float) -> float:
-    """When stage `PLAN[index]`, starting at `now`, must stop: after 1.1 times its share of
-    the training seconds, and soon enough to leave each later stage half its share (on a
-    slow machine an overrun would otherwise leave the last upsampler a single step)."""
-    later_share = sum(spec.demo.share for spec in PLAN[index + 1 :])
-    own_end = now + 1.1 * PLAN[index].demo.share * training_seconds
-    return min(own_end, training_end - 0.5 * later_share * training_seconds)
+    """When stage `PLAN[index]`, starting at `now`, must stop training: after 1.1 times its
+    share of the training seconds, and soon enough to leave its own set-up minutes (its
+    evaluation after training, conservatively) and each later stage its set-up plus half its
+    training time (an overrun would otherwise leave the upsamplers a single step each: a
+    15-minute budget did when later stages kept half their shares, set-up included)."""
+
+    def setup(spec: StageSpec) -> float:
+        return 60.0 * spec.demo.setup_minutes
+
+    def kept_for(spec: StageSpec) -> float:
+        return setup(spec) + 0.5 * max(spec.demo.share * training_seconds - setup(spec), 0.0)
+
+    spec = PLAN[index]
+    own_end = now + 1.1 * spec.demo.share * training_seconds
+    later = sum(kept_for(later_spec) for later_spec in PLAN[index + 1 :])
+    return min(own_end, training_end - setup(spec) - later)
 
 
 def run(
@@ -205,9 +228,17 @@ def run(
     written to report.json. In a budget a stage plans its steps at the pace of the stage
     before it when that trained slower than its plan, so its schedule still ends within
     its share; an overrunning stage takes its time from the stages after it, not from the
-    budget, but leaves each of them at least half its share."""
+    budget, but leaves each of them its set-up and half its training time (stage_deadline);
+    a budget below minimum_budget_minutes() is refused."""
     if budget and minutes is None:
         raise ValueError("a budgeted demo needs its minutes")
+    if budget and minutes < minimum_budget_minutes():
+        raise InputError(
+            f"--minutes {minutes:g}: a budgeted demo needs at least "
+            f"{math.ceil(minimum_budget_minutes())} minutes on a 2-core CPU (each stage's "
+            f"share must buy its set-up and {MIN_STEPS} steps); give more minutes, or leave "
+            "--minutes out for the fixed plan of a 30-minute run"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
