@@ -8,5 +8,6 @@ echo "== ruff format --check"
 ruff format --check .
 echo "== pytest"
 # Two workers: one XLA:CPU process leaves a 2-core machine a third idle (compiles and
-# Python run on one core); worksteal keeps both busy to the end.
-python -m pytest -q -n 2 --dist worksteal "$@"
+# Python run on one core); worksteal keeps both busy to the end. The 25 slowest tests are
+# listed at the end, to keep the suite within its 25 minutes.
+python -m pytest -q -n 2 --dist worksteal --durations=25 "$@"
