@@ -17,8 +17,9 @@ S_gen UNet calls held). The official README states 24 GB (exact) and
 
 `speed`: at the demo's size (configs/edit.py:demo: the 32 px `unet` demo shape, the demo CLIP
 shape, random weights: timing does not depend on them), the seconds to invert and edit
-`--images` images with S_inv = S_test = 40, and the median seconds of an exact and of an
-efficient fine-tuning step (batch 8). One JSON line.
+`--images` images with S_inv = S_test = 40, and the median seconds of an exact (its S_gen
+steps unrolled, and "exact_rolled" a scan) and of an efficient fine-tuning step (batch 8).
+One JSON line.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def speed(images: int, steps: int) -> dict:
         result[f"edit_seconds_per_image_{label.split()[0]}"] = round(
             (time.perf_counter() - started) / images, 3
         )
-    for mode in ("exact", "efficient"):
-        config.edit.mode = mode
+    for mode in ("exact", "exact_rolled", "efficient"):
+        config.edit.mode = "exact" if mode == "exact_rolled" else mode
+        config.edit.unroll = mode != "exact_rolled"
         stage = edit_stage.make_stage(config)
         run = loop.prepare(config, stage, jax.devices()[:1])
         state, batches, times = run.init_state(), stage.batches(0, config.batch_size), []

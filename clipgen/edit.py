@@ -189,14 +189,15 @@ def generate(
     steps: int,
     *,
     remat: bool = False,
+    unroll: bool = False,
 ) -> jax.Array:
     """Deterministic DDIM generation (eta 0) from x_t0 down the grid of `steps`; with
     `remat` every step is a `jax.checkpoint` (differentiating through all of them keeps one
-    UNet call's activations at a time)."""
+    UNet call's activations at a time); `unroll` unrolls the steps (samplers.sample)."""
     process = grid_process(diffusion, t0, steps)
     no_noise = lambda k: jnp.zeros_like(x_t0)  # noqa: E731  (DDIM with eta 0 adds none)
     return samplers.sample(
-        process, model_fn, x_t0, None, method="ddim", noise=no_noise, remat=remat
+        process, model_fn, x_t0, None, method="ddim", noise=no_noise, remat=remat, unroll=unroll
     )
 
 

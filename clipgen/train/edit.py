@@ -106,7 +106,13 @@ def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_
         del rng
         model_fn = backbone.model_fn(model_params(params, constants), batch.get("embed"))
         edited = edit.generate(
-            backbone.diffusion, model_fn, batch["latent"], t0, steps, remat=settings.remat
+            backbone.diffusion,
+            model_fn,
+            batch["latent"],
+            t0,
+            steps,
+            remat=settings.remat,
+            unroll=settings.unroll,
         )
         return terms(edited, batch["image"], constants)
 
