@@ -129,6 +129,8 @@ def get_config(arg: str | None = None):
         # colour: true 16 px renders through both upsamplers were read right in 74% (99%
         # with the blur on the second's input; 98% and 99% through each one alone).
         config.sample.condition_blur = 0.6  # clipgen.data.degrade.BLUR_SIGMA
+        # 7 DDIM steps, Karlo's super-resolution count (configs/decoder.py demo: the figures).
+        config.sample.respacing = "ddim7"
     else:
         raise ValueError(f"configs/upsampler.py: unknown preset {preset!r}")
     return config
