@@ -141,10 +141,16 @@ def _loss_setup(dtype, **settings):
     return loss, params, batch, {"clip": clip_params}
 
 
-def test_exact_gradients_through_every_step_equal_finite_differences():
+@pytest.mark.parametrize("unroll", [True, False])
+def test_exact_gradients_through_every_step_equal_finite_differences(unroll):
     with jax.enable_x64(True):
         loss, params, batch, constants = _loss_setup(
-            jnp.float64, clip_weight=3.0, l1_weight=1.0, id_weight=0.5, clip_loss="official"
+            jnp.float64,
+            clip_weight=3.0,
+            l1_weight=1.0,
+            id_weight=0.5,
+            clip_loss="official",
+            unroll=unroll,
         )
 
         def total(p):
