@@ -38,7 +38,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from clipgen import build
-from clipgen.data import files, prompts
+from clipgen.data import degrade, files, prompts
 from clipgen.data.preprocess import CLIP_MEAN, CLIP_STD
 from clipgen.diffusion import samplers
 from clipgen.diffusion.gaussian import Diffusion, ModelFn
@@ -280,6 +280,14 @@ def clip_pixels(images: jax.Array, size: int) -> jax.Array:
         shape = (images.shape[0], size, size, images.shape[-1])
         images = jax.image.resize(images, shape, "bicubic", antialias=True)
     return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def low_pass(images: jax.Array, sigma: float) -> jax.Array:
+    """Images blurred by a gaussian of `sigma` pixels (0: unchanged), so that the CLIP loss
+    cannot be met by pixel-scale patterns that fool a CLIP reading small images."""
+    if not sigma:
+        return images
+    return degrade.gaussian_blur(images, sigma, 2 * math.ceil(2 * sigma) + 1)
 
 
 def unit(x: jax.Array, eps: float = 1e-12) -> jax.Array:

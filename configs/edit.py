@@ -57,6 +57,7 @@ def get_config(arg: str | None = None):
         # 11x as long for (benchmarks/edit.py speed: 5.8 s against 0.5 s a demo step).
         unroll=True,
         clip_loss="official",  # -log((1 + cos) / 2); "paper": 1 - cos
+        clip_blur=0.0,  # sigma (pixels) of a gaussian blur on both images the CLIP loss reads
         clip_weight=3.0,
         l1_weight=1.0,
         id_weight=0.0,

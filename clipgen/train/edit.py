@@ -78,9 +78,13 @@ def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_
 
     def terms(edited, x0, constants):
         clip_params = constants["clip"]
+        seen, original = (
+            edit.low_pass(edited, settings.clip_blur),
+            edit.low_pass(x0, settings.clip_blur),
+        )
         cosine = edit.directional_cosine(
-            edit.image_embeddings(clip_module, clip_params, edited),
-            edit.image_embeddings(clip_module, clip_params, x0),
+            edit.image_embeddings(clip_module, clip_params, seen),
+            edit.image_embeddings(clip_module, clip_params, original),
             direction,
         )
         metrics = {

@@ -8,8 +8,9 @@ of a split (held-out by default) whose caption holds the source word, read by th
 - kept_vs_input: kept, judged against the oracle's reading of the input instead of the
   truth (what changed, whatever the oracle gets wrong on both);
 and the mean directional CLIP similarity S_dir (the edit's CLIP and text direction), the
-L1 to the input ([-1, 1] units), and for reference the base model's reconstruction L1
-(inversion then generation, unedited) and the oracle's accuracy on the inputs."""
+L1 to the input ([-1, 1] units), and for reference the base model's reconstruction
+(inversion then generation, unedited): its L1 and the share the oracle reads whole as the
+truth (the ceiling of kept), and the oracle's accuracy on the inputs."""
 
 from __future__ import annotations
 
@@ -98,6 +99,12 @@ def judge_all(
     return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
 
 
+def _whole(read: list[shapes.Scene], scenes: list[shapes.Scene]) -> float:
+    """The share of images the oracle read right in every attribute."""
+    pairs = zip(read, scenes, strict=True)
+    return float(np.mean([shapes.attribute_accuracy(r, s)["whole"] for r, s in pairs]))
+
+
 class Evaluator(registry.StageEvaluator):
     DEFAULTS = {
         **registry.StageEvaluator.DEFAULTS,
@@ -145,10 +152,7 @@ class Evaluator(registry.StageEvaluator):
         results["directional_cosine"] = float(
             np.mean(editor.direction_scores(self.images, edited, found))
         )
-        truths = [
-            shapes.attribute_accuracy(read, scene)["whole"]
-            for read, scene in zip(before, self.scenes, strict=True)
-        ]
-        results["oracle_inputs"] = float(np.mean(truths))
+        results["reconstruction_whole"] = _whole(readings(rebuilt, size), self.scenes)
+        results["oracle_inputs"] = _whole(before, self.scenes)
         split = self.settings["split"]
         return {f"{split}/{key}": value for key, value in results.items()}
