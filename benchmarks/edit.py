@@ -1,7 +1,7 @@
 """DiffusionCLIP: the memory of one fine-tuning step at 256 px, and the seconds of an edit at
 the demo's size.
 
-  python benchmarks/edit.py memory [--modes exact exact_steps efficient official]
+  python benchmarks/edit.py memory [--modes exact exact_unrolled exact_steps efficient official]
       [--dtypes float32 bfloat16]
   python benchmarks/edit.py speed [--images 16] [--steps 5]
 
@@ -12,7 +12,8 @@ the compiled step (arguments, outputs, temporaries; donated state aliases its ou
 "exact" checkpoints every generation step and, inside the UNet, every block (the paper
 preset's remat); "exact_steps" only every generation step; "official" is the exact step
 without any checkpointing, as the official code backpropagates (the activations of all
-S_gen UNet calls held). The official README states 24 GB (exact) and
+S_gen UNet calls held); "exact_unrolled" is "exact" with its steps unrolled (`edit.unroll`,
+the demo's choice for speed on the CPU). The official README states 24 GB (exact) and
 12 GB (efficient) of GPU memory at 256 px. Prints one JSON line per variant.
 
 `speed`: at the demo's size (configs/edit.py:demo: the 32 px `unet` demo shape, the demo CLIP
@@ -58,6 +59,7 @@ def memory(mode: str, dtype: str) -> dict:
     clip_shapes = jax.eval_shape(lambda k: nn.meta.unbox(init_clip(clip, k)), jax.random.key(0))
     direction = np.full((512,), 512**-0.5, np.float32)
     config.edit.remat = not official
+    config.edit.unroll = mode == "exact_unrolled"
     loss = edit_stage.edit_loss(config, backbone, clip, direction, None, 0.0)
 
     def batch_spec(size):
@@ -84,7 +86,7 @@ def memory(mode: str, dtype: str) -> dict:
     arguments, outputs = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
     temporaries, aliased = analysis.temp_size_in_bytes, analysis.alias_size_in_bytes
     peak = arguments + outputs - aliased + temporaries
-    stated = {"exact": 24, "exact_steps": 24, "official": 24, "efficient": 12}[mode]
+    stated = 12 if mode == "efficient" else 24
     return {
         "benchmark": "edit_memory",
         "mode": mode,
@@ -152,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     mem = sub.add_parser("memory")
-    modes = ["exact", "exact_steps", "efficient", "official"]
+    modes = ["exact", "exact_unrolled", "exact_steps", "efficient", "official"]
     mem.add_argument("--modes", nargs="+", default=modes, choices=modes)
     mem.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     fast = sub.add_parser("speed")

@@ -53,9 +53,10 @@ def get_config(arg: str | None = None):
         test_steps=40,  # S_test, when editing
         mode="exact",  # or "efficient": an optimizer step at each of the S_gen steps
         remat=True,  # exact mode: a jax.checkpoint per generation step
-        # Exact mode: the generation steps unrolled, not a scan, whose gradient XLA:CPU took
-        # 11x as long for (benchmarks/edit.py speed: 5.8 s against 0.5 s a demo step).
-        unroll=True,
+        # Exact mode: the generation steps unrolled instead of one scan (see the demo preset);
+        # unrolled, the 256 px step's peak memory grew from 5.43 to 19.75 GiB
+        # (benchmarks/edit.py memory --modes exact exact_unrolled --dtypes float32).
+        unroll=False,
         clip_loss="official",  # -log((1 + cos) / 2); "paper": 1 - cos
         clip_blur=0.0,  # sigma (pixels) of a gaussian blur on both images the CLIP loss reads
         clip_weight=3.0,
@@ -108,7 +109,11 @@ def get_config(arg: str | None = None):
         config.optim.lr = 8e-6
         config.batch_size = 1
         config.model.dtype = "float32"
-    elif preset != "demo":
+    elif preset == "demo":
+        # XLA:CPU took 20x as long for the gradient of the generation steps as one scan:
+        # 31.6 s against 1.5 s an exact step (benchmarks/edit.py speed, exact_rolled / exact).
+        config.edit.unroll = True
+    else:
         raise ValueError(f"configs/edit.py: unknown preset {preset!r} (tiny, demo, paper)")
     if words:
         config.edit.source, config.edit.target = words
