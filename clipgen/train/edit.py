@@ -17,7 +17,8 @@ each step then, for a batch of images:
 The loss: w_clip * clip_loss(S_dir) + w_L1 * |x_hat - x0| + w_ID * (1 - cos(phi(x_hat),
 phi(x0))), phi the CLIP's unit image embedding or any images -> features function
 (`edit.identity` = "module:function", called with the config, returning (apply, variables);
-apply(variables, images in [-1, 1]) -> features (B, D)). With `lora.rank` only adapters on
+apply(variables, images in [-1, 1]) -> features (B, D)); S_dir reads both images through
+`edit.clip_blur`'s low-pass (none by default). With `lora.rank` only adapters on
 the UNet's convolutions and attention train, the base frozen as a constant of the step.
 """
 
@@ -78,15 +79,11 @@ def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_
 
     def terms(edited, x0, constants):
         clip_params = constants["clip"]
-        seen, original = (
-            edit.low_pass(edited, settings.clip_blur),
-            edit.low_pass(x0, settings.clip_blur),
+        after, before = (
+            edit.image_embeddings(clip_module, clip_params, edit.low_pass(x, settings.clip_blur))
+            for x in (edited, x0)
         )
-        cosine = edit.directional_cosine(
-            edit.image_embeddings(clip_module, clip_params, seen),
-            edit.image_embeddings(clip_module, clip_params, original),
-            direction,
-        )
+        cosine = edit.directional_cosine(after, before, direction)
         metrics = {
             "clip_loss": jnp.mean(edit.clip_loss(cosine, settings.clip_loss)),
             "directional_cosine": jnp.mean(cosine),
