@@ -92,10 +92,14 @@ def judge_all(
     edited: np.ndarray, scenes: list[shapes.Scene], changes: dict[str, str], resolution: int = 64
 ) -> dict[str, float]:
     """Mean applied / kept / both over uint8 edited images of these scenes."""
-    verdicts = [
-        judge(read, scene, changes)
-        for read, scene in zip(readings(edited, resolution), scenes, strict=True)
-    ]
+    return judge_readings(readings(edited, resolution), scenes, changes)
+
+
+def judge_readings(
+    read: list[shapes.Scene], scenes: list[shapes.Scene], changes: dict[str, str]
+) -> dict[str, float]:
+    """Mean applied / kept / both over the oracle's readings of edited images."""
+    verdicts = [judge(r, scene, changes) for r, scene in zip(read, scenes, strict=True)]
     return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
 
 
@@ -139,11 +143,11 @@ class Evaluator(registry.StageEvaluator):
             rebuilt.append(editor.reconstruct(chunk))
         edited, rebuilt = np.concatenate(edited), np.concatenate(rebuilt)
         size = self.settings["oracle_resolution"]
-        results = judge_all(edited, self.scenes, self.changes, size)
-        before = readings(self.images, size)
+        after, before = readings(edited, size), readings(self.images, size)
+        results = judge_readings(after, self.scenes, self.changes)
         relative = [
-            judge(after, read, self.changes)["kept"]
-            for after, read in zip(readings(edited, size), before, strict=True)
+            judge(seen, read, self.changes)["kept"]
+            for seen, read in zip(after, before, strict=True)
         ]
         results["kept_vs_input"] = float(np.mean(relative))
         inputs = to_unit_range(self.images)
