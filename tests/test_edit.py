@@ -261,9 +261,18 @@ def test_oracle_verdicts_on_rendered_edits():
             dict(applied=True, kept=False),
         ),
     }
+    lost = {"also_shape": "shape", "other_recoloured": "colour", "background": "background"}
     for name, (shown, want) in cases.items():
-        verdict = edit_oracle.judge(shapes.oracle(shapes.render(shown, 64)), scene, changes)
+        read = shapes.oracle(shapes.render(shown, 64))
+        verdict = edit_oracle.judge(read, scene, changes)
         assert verdict == dict(want, both=want["applied"] and want["kept"]), name
+        shares = edit_oracle.judge_readings([read], [scene], changes)
+        assert {key: shares[key] for key in verdict} == verdict, name
+        for what in edit_oracle.KEPT:
+            assert shares[f"kept/{what}"] == float(lost.get(name) != what), (name, what)
+    moved = _scene(("blue", "circle", "large", "top"), ("green", "square", "small", "right"))
+    shares = edit_oracle.judge_readings([shapes.oracle(shapes.render(moved, 64))], [scene], changes)
+    assert shares["kept/objects"] == 0.0 and shares["kept"] == 0.0
     assert edit_oracle.attribute_of("square") == "shape"
 
 

@@ -5,6 +5,8 @@ of a split (held-out by default) whose caption holds the source word, read by th
 - kept: every other attribute reads as in the truth with the edit done (object count,
   background, each object's shape, size, position and colour, the untouched objects'
   edited attribute too); both: applied and kept;
+- kept/<what>: the share that kept each of KEPT (the objects' number and places, the
+  background, the objects' colour, shape and size);
 - kept_vs_input: kept, judged against the oracle's reading of the input instead of the
   truth (what changed, whatever the oracle gets wrong on both);
 and the mean directional CLIP similarity S_dir (the edit's CLIP and text direction), the
@@ -63,14 +65,25 @@ def judge(read: shapes.Scene, truth: shapes.Scene, changes: dict[str, str]) -> d
     """applied / kept / both for one edited image the oracle read as `read`, the input's
     scene being `truth` and the edit `changes` ({source: target}); objects are paired by
     position (a scene's objects sit in different slots)."""
+    applied, lost = _verdict(read, truth, changes)
+    kept = not lost
+    return {"applied": applied, "kept": kept, "both": applied and kept}
+
+
+def _verdict(
+    read: shapes.Scene, truth: shapes.Scene, changes: dict[str, str]
+) -> tuple[bool, set[str]]:
+    """Whether the edit was applied, and what it failed to keep: any of KEPT."""
     expected = edited_scene(truth, changes)
     edited = {attribute_of(source) for source in changes}
     seen, before, after = _by_position(read), _by_position(truth), _by_position(expected)
     background_changed = truth.background != expected.background
     applied = read.background == expected.background if background_changed else True
-    kept = len(read.objects) == len(expected.objects) and set(seen) == set(after)
-    if not background_changed:
-        kept &= read.background == expected.background
+    lost = set()
+    if len(read.objects) != len(expected.objects) or set(seen) != set(after):
+        lost.add("objects")
+    if not background_changed and read.background != expected.background:
+        lost.add("background")
     for position, want in after.items():
         got = seen.get(position)
         for attribute in shapes.ATTRIBUTES:
@@ -78,9 +91,14 @@ def judge(read: shapes.Scene, truth: shapes.Scene, changes: dict[str, str]) -> d
             right = got is not None and getattr(got, attribute) == value
             if attribute in edited and getattr(before[position], attribute) != value:
                 applied &= right
-            else:
-                kept &= right
-    return {"applied": bool(applied), "kept": bool(kept), "both": bool(applied and kept)}
+            elif not right and got is not None:
+                lost.add(attribute)
+    return bool(applied), lost
+
+
+# What an edit can fail to keep: the objects (their number and places), the background, and
+# an attribute of an object found in its place.
+KEPT = ("objects", "background", "colour", "shape", "size")
 
 
 def readings(images: np.ndarray, resolution: int = 64) -> list[shapes.Scene]:
@@ -98,9 +116,19 @@ def judge_all(
 def judge_readings(
     read: list[shapes.Scene], scenes: list[shapes.Scene], changes: dict[str, str]
 ) -> dict[str, float]:
-    """Mean applied / kept / both over the oracle's readings of edited images."""
-    verdicts = [judge(r, scene, changes) for r, scene in zip(read, scenes, strict=True)]
-    return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
+    """Mean applied / kept / both over the oracle's readings of edited images, and for each
+    of KEPT the share that kept it (kept/<what>)."""
+    verdicts = [_verdict(r, scene, changes) for r, scene in zip(read, scenes, strict=True)]
+    applied = np.array([a for a, _ in verdicts])
+    kept = np.array([not lost for _, lost in verdicts])
+    results = {
+        "applied": float(applied.mean()),
+        "kept": float(kept.mean()),
+        "both": float((applied & kept).mean()),
+    }
+    for what in KEPT:
+        results[f"kept/{what}"] = float(np.mean([what not in lost for _, lost in verdicts]))
+    return results
 
 
 def _whole(read: list[shapes.Scene], scenes: list[shapes.Scene]) -> float:
@@ -132,19 +160,20 @@ class Evaluator(registry.StageEvaluator):
             stage.edit.source, options["split"], options["num_examples"], size, options["seed"]
         )
         self.changes = {stage.edit.source: stage.edit.target}
+        self._reference = None
 
     def __call__(self, params: Any) -> dict[str, float]:
         found = edit_pipeline.Edit(self.stage_config, params)
-        editor, batch = self.editor, self.settings["batch_size"]
-        edited, rebuilt = [], []
-        for start in range(0, len(self.images), batch):
-            chunk = self.images[start : start + batch]
-            edited.append(editor.apply(chunk, [found]))
-            rebuilt.append(editor.reconstruct(chunk))
-        edited, rebuilt = np.concatenate(edited), np.concatenate(rebuilt)
-        size = self.settings["oracle_resolution"]
-        after, before = readings(edited, size), readings(self.images, size)
+        batch, size = self.settings["batch_size"], self.settings["oracle_resolution"]
+        edited = np.concatenate(
+            [
+                self.editor.apply(self.images[start : start + batch], [found])
+                for start in range(0, len(self.images), batch)
+            ]
+        )
+        after = readings(edited, size)
         results = judge_readings(after, self.scenes, self.changes)
+        before, unedited = self._unedited()
         relative = [
             judge(seen, read, self.changes)["kept"]
             for seen, read in zip(after, before, strict=True)
@@ -152,11 +181,30 @@ class Evaluator(registry.StageEvaluator):
         results["kept_vs_input"] = float(np.mean(relative))
         inputs = to_unit_range(self.images)
         results["l1"] = float(np.mean(np.abs(to_unit_range(edited) - inputs)))
-        results["reconstruction_l1"] = float(np.mean(np.abs(to_unit_range(rebuilt) - inputs)))
         results["directional_cosine"] = float(
-            np.mean(editor.direction_scores(self.images, edited, found))
+            np.mean(self.editor.direction_scores(self.images, edited, found))
         )
-        results["reconstruction_whole"] = _whole(readings(rebuilt, size), self.scenes)
-        results["oracle_inputs"] = _whole(before, self.scenes)
+        results.update(unedited)
         split = self.settings["split"]
         return {f"{split}/{key}": value for key, value in results.items()}
+
+    def _unedited(self) -> tuple[list[shapes.Scene], dict[str, float]]:
+        """The oracle's readings of the inputs, and the figures that do not depend on the
+        edit (the base model's reconstruction, the oracle on the inputs), made once."""
+        if self._reference is None:
+            batch, size = self.settings["batch_size"], self.settings["oracle_resolution"]
+            rebuilt = np.concatenate(
+                [
+                    self.editor.reconstruct(self.images[start : start + batch])
+                    for start in range(0, len(self.images), batch)
+                ]
+            )
+            before = readings(self.images, size)
+            inputs = to_unit_range(self.images)
+            figures = {
+                "reconstruction_l1": float(np.mean(np.abs(to_unit_range(rebuilt) - inputs))),
+                "reconstruction_whole": _whole(readings(rebuilt, size), self.scenes),
+                "oracle_inputs": _whole(before, self.scenes),
+            }
+            self._reference = before, figures
+        return self._reference
