@@ -1,6 +1,6 @@
 """Test set-up: 8 fake CPU devices (so sharded code runs on a real mesh), clipgen's XLA:CPU
-flags and a persistent compilation cache (so reruns skip XLA compiles). All must happen
-before JAX starts."""
+flags and a persistent compilation cache (so a program is compiled once for the whole suite,
+and reruns skip XLA compiles). All must happen before JAX starts."""
 
 import os
 from pathlib import Path
@@ -9,19 +9,23 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for both pytest-xdist workers and every process a test
+# starts (they inherit this environment): the CLI runs of a test compile the same programs
+# again and again. A size limit turns on JAX's file lock around each cache read and write,
+# which is what lets concurrent processes share one directory.
+os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=os.environ.get(
+        "CLIPGEN_TEST_JAX_CACHE", str(Path(__file__).parents[1] / ".jax_cache")
+    ),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30),
+)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import clipgen  # noqa: E402, F401  (adds clipgen's XLA:CPU flags before JAX starts)
-
-# One cache per pytest-xdist worker: the cache's files are not written atomically.
-_CACHE = Path(
-    os.environ.get("CLIPGEN_TEST_JAX_CACHE", Path(__file__).parents[1] / ".jax_cache")
-) / os.environ.get("PYTEST_XDIST_WORKER", "main")
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
