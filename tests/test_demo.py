@@ -1,19 +1,22 @@
-"""The demo job end to end: every stage of the cascade on a tiny shapes build."""
+"""The demo job end to end: every stage of the cascade on a tiny shapes build, and `clipgen
+sample` on the runs it trained."""
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from clipgen import demo
+from clipgen import cli, demo
 from clipgen.data import shapes_tfds
 from clipgen.errors import InputError
+from clipgen.eval import run
 
 GRIDS = ("samples.png", "variations.png", "interpolation.png", "textdiff.png", "edit.png")
 
 
-def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
+def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path, capsys):
     data = shapes_tfds.ShapesConfig(
         name="demo_test",
         resolutions=(16, 32),
@@ -49,6 +52,24 @@ def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path):
     assert {"applied", "kept", "both"} <= set(edits["combination"])
     samples = report["grids"]["samples.png"]
     assert samples == str(tmp_path / "samples.png")
+    _clipgen_sample_draws_from_the_trained_runs(tmp_path, capsys)
+
+
+def _clipgen_sample_draws_from_the_trained_runs(workdir, capsys):
+    """`clipgen sample` and the evaluation's generator hook on the demo's trained runs."""
+    captions = ["a red circle", "a blue square on the left", "a red triangle beside a circle"]
+    out = workdir / "grid.png"
+    argv = ["sample", "--checkpoints", str(workdir), "--out", str(out), "--seed", "1"]
+    assert cli.main([*argv, "--captions", *captions]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.ndim == 3 and grid.shape[0] > 32 and grid.std() > 0
+    settings = {"type": "unclip", "workdir": str(workdir), "resolution": 48, "sampling": {}}
+    generate = run.unclip_generator(ml_collections.ConfigDict({"generator": settings}))
+    pictures = generate(captions, 1)
+    assert pictures.shape == (3, 48, 48, 3) and pictures.dtype == np.uint8
+    missing = ["sample", "--checkpoints", str(workdir / "none"), "--out", str(out)]
+    assert cli.main([*missing, "--captions", "a red circle"]) == 2
+    assert "clipgen train" in capsys.readouterr().err
 
 
 def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):

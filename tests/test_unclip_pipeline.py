@@ -1,24 +1,20 @@
 """The unCLIP cascade and its manipulations on tiny random-weight models: text to the final
 resolution on one and on eight devices, determinism from the seed, DDIM inversion with an
-exact denoiser, slerp, text diffs, the PCA probe, and `clipgen sample` on trained runs."""
+exact denoiser, slerp, text diffs and the PCA probe (`clipgen sample` on trained runs is in
+test_demo.py, on the runs the tiny demo trains)."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
-from PIL import Image
 
-from clipgen import cli, stages, train
 from clipgen.data import degrade
 from clipgen.data import pipeline as data_pipeline
 from clipgen.diffusion.gaussian import make_diffusion
-from clipgen.eval import run
 from clipgen.pipelines import manipulate, unclip
-from clipgen.train import loop
 
-from tiny_cascade import SIZES, tiny_cascade, tiny_configs
+from tiny_cascade import SIZES, tiny_cascade
 
 CAPTIONS = [
     "a red circle",
@@ -237,28 +233,3 @@ def test_pca_probe_with_all_components_gives_back_z_i(exact):
     np.testing.assert_allclose(rendered.image_embeds[-1], z_i, atol=1e-5)
     assert not np.allclose(rendered.image_embeds[0], z_i, atol=1e-2)
     np.testing.assert_allclose(np.linalg.norm(rendered.image_embeds, axis=-1), 1.0, atol=1e-5)
-
-
-# --- the command on trained runs ---------------------------------------------------------------
-
-
-def test_clipgen_sample_writes_a_grid_from_tiny_trained_runs(tmp_path, capsys):
-    for name, config in tiny_configs().items():
-        stage = train.trainer(stages.get(name).trainer).make_stage(config)
-        state = loop.train(config, tmp_path / name, stage, jax.devices()[:1])
-        assert int(state.step) == 2
-    out = tmp_path / "grid.png"
-    argv = ["sample", "--checkpoints", str(tmp_path), "--out", str(out), "--seed", "1"]
-    assert cli.main([*argv, "--captions", *CAPTIONS]) == 0
-    grid = np.asarray(Image.open(out))
-    assert grid.ndim == 3 and grid.shape[0] > 64 and grid.std() > 0
-
-    # the evaluation's generator hook, its images resized to the configured resolution
-    settings = {"type": "unclip", "workdir": str(tmp_path), "resolution": 48, "sampling": {}}
-    generate = run.unclip_generator(ml_collections.ConfigDict({"generator": settings}))
-    images = generate(CAPTIONS, 1)
-    assert images.shape == (8, 48, 48, 3) and images.dtype == np.uint8
-
-    missing = ["sample", "--checkpoints", str(tmp_path / "none"), "--out", str(out)]
-    assert cli.main([*missing, "--captions", "a red circle"]) == 2
-    assert "clipgen train" in capsys.readouterr().err
