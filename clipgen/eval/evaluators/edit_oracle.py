@@ -164,13 +164,8 @@ class Evaluator(registry.StageEvaluator):
 
     def __call__(self, params: Any) -> dict[str, float]:
         found = edit_pipeline.Edit(self.stage_config, params)
-        batch, size = self.settings["batch_size"], self.settings["oracle_resolution"]
-        edited = np.concatenate(
-            [
-                self.editor.apply(self.images[start : start + batch], [found])
-                for start in range(0, len(self.images), batch)
-            ]
-        )
+        size = self.settings["oracle_resolution"]
+        edited = self._over_inputs(lambda chunk: self.editor.apply(chunk, [found]))
         after = readings(edited, size)
         results = judge_readings(after, self.scenes, self.changes)
         before, unedited = self._unedited()
@@ -192,13 +187,8 @@ class Evaluator(registry.StageEvaluator):
         """The oracle's readings of the inputs, and the figures that do not depend on the
         edit (the base model's reconstruction, the oracle on the inputs), made once."""
         if self._reference is None:
-            batch, size = self.settings["batch_size"], self.settings["oracle_resolution"]
-            rebuilt = np.concatenate(
-                [
-                    self.editor.reconstruct(self.images[start : start + batch])
-                    for start in range(0, len(self.images), batch)
-                ]
-            )
+            size = self.settings["oracle_resolution"]
+            rebuilt = self._over_inputs(self.editor.reconstruct)
             before = readings(self.images, size)
             inputs = to_unit_range(self.images)
             figures = {
@@ -208,3 +198,9 @@ class Evaluator(registry.StageEvaluator):
             }
             self._reference = before, figures
         return self._reference
+
+    def _over_inputs(self, transform) -> np.ndarray:
+        """transform(images) over the inputs, `batch_size` images at a time."""
+        batch = self.settings["batch_size"]
+        chunks = [self.images[i : i + batch] for i in range(0, len(self.images), batch)]
+        return np.concatenate([transform(chunk) for chunk in chunks])
