@@ -50,6 +50,7 @@ def test_demo_trains_every_stage_and_writes_grids_and_a_report(tmp_path, capsys)
         )
     assert len(edits["gamma_sweep"]["directional_cosine"]) == 5
     assert {"applied", "kept", "both"} <= set(edits["combination"])
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     samples = report["grids"]["samples.png"]
     assert samples == str(tmp_path / "samples.png")
     _clipgen_sample_draws_from_the_trained_runs(tmp_path, capsys)
@@ -70,6 +71,15 @@ def _clipgen_sample_draws_from_the_trained_runs(workdir, capsys):
     missing = ["sample", "--checkpoints", str(workdir / "none"), "--out", str(out)]
     assert cli.main([*missing, "--captions", "a red circle"]) == 2
     assert "clipgen train" in capsys.readouterr().err
+
+
+def test_machine_names_the_cpu_and_its_vector_instructions():
+    processor = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f aes\n"
+    cpuinfo = processor + "\n" + processor.replace("7B13", "other")
+    machine = demo.machine(cpuinfo)
+    assert machine["cpu"] == "AMD EPYC 7B13"  # the first processor's, once
+    assert machine["vector_instructions"] == ["avx", "avx2", "avx512f", "fma", "sse4_2"]
+    assert demo.machine("")["vector_instructions"] == []
 
 
 def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ RESERVED_MINUTES = 3.5
 PLAN_MINUTES = 30.0  # the default run's fixed plan: the steps of a 30-minute run
 MIN_STEPS = 50
 MIN_TIMED_STEPS = 20  # a stage's measured speed sets the pace only over this many steps
+VECTOR_FLAGS = ("avx", "fma", "amx", "sse4")  # /proc/cpuinfo flags report.json records
 
 
 PLAN = stages.demo_stages()  # the stages in order, each with its DemoPlan
@@ -286,6 +288,7 @@ def run(
     report["minutes"]["edit"] = _minutes_since(edit_started)
     report["minutes"]["total"] = _minutes_since(started)
     report["versions"] = _versions()
+    report["machine"] = machine()
     encoded = json.dumps(report, indent=2).encode()
     atomic_write(workdir / "report.json", lambda file: file.write(encoded))
     logging.info("demo report: %s", json.dumps(report["scores"]))
@@ -410,6 +413,26 @@ def _recoloured(caption: str) -> str:
 
 def _minutes_since(start: float) -> float:
     return round((time.perf_counter() - start) / 60, 2)
+
+
+def machine(cpuinfo: str | None = None) -> dict:
+    """The CPU the run trained on: its model, cores and the vector instruction sets XLA:CPU
+    picks its kernels by, since two machines with other sets may round differently and
+    so not give the same report for the same seed. `cpuinfo` is /proc/cpuinfo's text."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    vector = sorted(flag for flag in flags if flag.startswith(VECTOR_FLAGS))
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "vector_instructions": vector,
+    }
 
 
 def _versions() -> dict[str, str]:
