@@ -32,7 +32,8 @@ def add_commands(commands) -> dict:
         "--minutes",
         type=float,
         help="fit the plan to this machine within a budget of this many minutes (default: "
-        "the fixed plan of a 30-minute run's steps, the same report on any machine)",
+        "the fixed plan of a 30-minute run's steps, the same report on any machine with the "
+        "same instruction sets)",
     )
 
     return {
