@@ -12,12 +12,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for both pytest-xdist workers and every process a test
 # starts (they inherit this environment): the CLI runs of a test compile the same programs
 # again and again. A size limit turns on JAX's file lock around each cache read and write,
-# which is what lets concurrent processes share one directory.
+# which is what lets concurrent processes share one directory; but then every write scans
+# the whole cache (jax/_src/lru_cache.py, _evict_if_needed), so it keeps only programs that
+# took a second or more to compile: caching every small one made the suite's writes
+# quadratic in their number (0.2 s a write at 1,500 entries).
 os.environ.update(
     JAX_COMPILATION_CACHE_DIR=os.environ.get(
         "CLIPGEN_TEST_JAX_CACHE", str(Path(__file__).parents[1] / ".jax_cache")
     ),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30),
 )

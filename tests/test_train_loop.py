@@ -240,7 +240,10 @@ def test_sigterm_at_ten_random_moments_exits_0_and_resumes_to_the_same_state(tmp
         "--config.checkpoint.every=20",
         "--config.log_every=20",
     ]
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    cache = {  # its own cache, small enough to keep every program
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     assert _cli(tmp_path / "straight", *steps, env=cache).wait(timeout=300) == 0
     began = time.monotonic()
     assert _cli(tmp_path / "timed", *steps, env=cache).wait(timeout=300) == 0
