@@ -9,11 +9,11 @@ operators (clipgen.demo.operators) and two DiffusionCLIP edits of the decoder
 PLAN_MINUTES run buys at the speeds measured on an idle 2-core CPU (clipgen.stages), so
 the report is the same on any machine with the same instruction sets for the same seed (on
 others XLA:CPU rounds differently) and a slower machine only takes longer (the log gives
-the whole run's ETA as it goes). With `budget` the plan is a budget
-of `minutes` instead: what the data set, the scoring and the grids take (RESERVED_MINUTES)
-is set aside, each stage trains for the steps its share of the rest buys at its measured
-speed, slowed to the pace the stage before it kept on this machine if that was slower, and
-stops at its deadline. Stages already trained in the workdir resume. It scores the cascade
+the whole run's ETA as it goes). With `budget` the plan is a budget of `minutes` instead:
+what the data set, the scoring and the grids take (RESERVED_MINUTES) is set aside, each
+stage trains for the steps its share of the rest buys at its measured speed, slowed to the
+pace the stage before it kept on this machine if that was slower, and stops at its
+deadline. Stages already trained in the workdir resume. It scores the cascade
 with the `shapes` evaluation (oracle accuracies on test and held-out captions, CLIP score,
 CLIP-space Frechet distance), draws `samples.png` (test captions under their images), the
 variation, interpolation, text-diff, operator and edit grids, and writes `report.json`.
