@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
-from clipgen import train
+from clipgen import demo, train
 from clipgen.cli import load_config
 
 
@@ -86,7 +85,7 @@ def main(argv: list[str]) -> dict:
         "config": " ".join(config_args).replace("--config=", ""),
         "devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
-        "machine": platform.processor() or platform.machine(),
+        "machine": demo.machine(),
         "global_batch": int(config.batch_size),
         "compile_s": round(run.compile_seconds, 3),
         "step_s_median": round(median, 5),
