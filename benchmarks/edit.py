@@ -60,7 +60,7 @@ def memory(mode: str, dtype: str) -> dict:
     direction = np.full((512,), 512**-0.5, np.float32)
     config.edit.remat = not official
     config.edit.unroll = mode == "exact_unrolled"
-    loss = edit_stage.edit_loss(config, backbone, clip, direction, None, 0.0)
+    loss = edit_stage.edit_loss(config, backbone, clip, None, 0.0)
 
     def batch_spec(size):
         image = jax.ShapeDtypeStruct((size, 256, 256, 3), jnp.float32)
@@ -68,7 +68,10 @@ def memory(mode: str, dtype: str) -> dict:
 
     def constants():
         zeros = lambda s: np.zeros(s.shape, np.float32)  # noqa: E731
-        return {"clip": jax.tree_util.tree_map(zeros, clip_shapes["params"])}
+        return {
+            "clip": jax.tree_util.tree_map(zeros, clip_shapes["params"]),
+            "direction": direction,
+        }
 
     stage = loop.Stage(
         "edit",

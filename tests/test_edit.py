@@ -131,14 +131,14 @@ def _loss_setup(dtype, **settings):
     def identity(variables, images):
         return edit.image_embeddings(clip, variables, images)
 
-    loss = edit_stage.edit_loss(config, backbone, clip, direction, identity, 0.0)
+    loss = edit_stage.edit_loss(config, backbone, clip, identity, 0.0)
     rng = np.random.default_rng(4)
     batch = {
         "image": jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), dtype),
         "latent": jnp.asarray(rng.standard_normal((2, 8, 8, 3)), dtype),
         "step": jnp.zeros((2,), jnp.int32),
     }
-    return loss, params, batch, {"clip": clip_params}
+    return loss, params, batch, {"clip": clip_params, "direction": direction}
 
 
 @pytest.mark.parametrize("unroll, clip_blur", [(True, 1.0), (False, 0.0)])

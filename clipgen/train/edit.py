@@ -69,12 +69,13 @@ def identity_features(config: ml_collections.ConfigDict, clip: build.ClipModel):
     return getattr(importlib.import_module(module_name), attribute)(config)
 
 
-def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_apply, alpha):
-    """loss(params, batch, rng, constants) of the stage (see the module docstring)."""
+def edit_loss(config, backbone: edit.Backbone, clip_module, identity_apply, alpha):
+    """loss(params, batch, rng, constants) of the stage (see the module docstring); the CLIP
+    text direction is constants["direction"], an argument, so that edits of one backbone
+    share one compiled step."""
     settings = config.edit
     t0, steps = settings.t0, settings.gen_steps
     weights = (settings.clip_weight, settings.l1_weight, settings.id_weight)
-    direction = jnp.asarray(direction)
     process = edit.grid_process(backbone.diffusion, t0, steps)
 
     def terms(edited, x0, constants):
@@ -83,7 +84,7 @@ def edit_loss(config, backbone: edit.Backbone, clip_module, direction, identity_
             edit.image_embeddings(clip_module, clip_params, edit.low_pass(x, settings.clip_blur))
             for x in (edited, x0)
         )
-        cosine = edit.directional_cosine(after, before, direction)
+        cosine = edit.directional_cosine(after, before, constants["direction"])
         metrics = {
             "clip_loss": jnp.mean(edit.clip_loss(cosine, settings.clip_loss)),
             "directional_cosine": jnp.mean(cosine),
@@ -228,14 +229,14 @@ def make_stage(config: ml_collections.ConfigDict) -> Stage:
         return {"lora": jax.tree_util.tree_map(np.asarray, adapters)}
 
     def constants():
-        frozen = {"clip": clip.params}
+        frozen = {"clip": clip.params, "direction": direction}
         if rank:
             frozen["base"] = base
         if settings.id_weight and settings.identity != "clip":
             frozen["identity"] = identity_variables
         return jax.tree_util.tree_map(np.asarray, frozen)
 
-    loss = edit_loss(config, backbone, clip.module, direction, identity_apply, alpha)
+    loss = edit_loss(config, backbone, clip.module, identity_apply, alpha)
     return Stage(
         "edit", init_params, loss, batches, batch_spec, pretrained=pretrained, constants=constants
     )
