@@ -2,10 +2,15 @@
 sample` on the runs it trained."""
 
 import json
+import tempfile
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from clipgen import cli, demo
@@ -80,6 +85,47 @@ def test_machine_names_the_cpu_and_its_vector_instructions():
     assert machine["cpu"] == "AMD EPYC 7B13"  # the first processor's, once
     assert machine["vector_instructions"] == ["avx", "avx2", "avx512f", "fma", "sse4_2"]
     assert demo.machine("")["vector_instructions"] == []
+
+
+def test_a_run_compiles_a_program_once_in_a_private_cache_it_removes(tmp_path, monkeypatch):
+    """With no cache of the user's, a program the run compiles twice (two jits of one
+    function) is read back the second time, from a temporary folder gone after the run;
+    a cache the user set is used and kept."""
+    events = []
+
+    def listen(event, **kwargs):
+        events.append(event)
+
+    def compile_twice():
+        for _ in range(2):
+            jax.jit(lambda x: jnp.sin(x) * 1.25).lower(jnp.ones(3)).compile()
+
+    suite_cache = jax.config.jax_compilation_cache_dir
+    suite_threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    jax.monitoring.register_event_listener(listen)
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_compilation_cache_dir", None)
+        with demo._compile_once():
+            [folder] = (tmp_path / "temp").iterdir()
+            compile_twice()
+            assert any(folder.iterdir())
+        assert events.count("/jax/compilation_cache/cache_hits") == 1
+        assert jax.config.jax_compilation_cache_dir is None
+        assert not any((tmp_path / "temp").iterdir())
+        mine = str(tmp_path / "mine")
+        jax.config.update("jax_compilation_cache_dir", mine)
+        compilation_cache.reset_cache()
+        with demo._compile_once():
+            compile_twice()
+        assert jax.config.jax_compilation_cache_dir == mine and any(Path(mine).iterdir())
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", suite_threshold)
+        jax.config.update("jax_compilation_cache_dir", suite_cache)
+        compilation_cache.reset_cache()
 
 
 def test_cascade_configs_chain_the_stages_and_fit_the_budget(tmp_path):

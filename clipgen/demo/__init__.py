@@ -21,16 +21,20 @@ variation, interpolation, text-diff, operator and edit grids, and writes `report
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import ml_collections
+from jax.experimental.compilation_cache import compilation_cache
 
 import clipgen
 from clipgen import config as config_lib
@@ -242,7 +246,33 @@ def run(
             f"share must buy its set-up and {MIN_STEPS} steps); give more minutes, or leave "
             "--minutes out for the fixed plan of a 30-minute run"
         )
-    workdir = Path(workdir)
+    with _compile_once():
+        return _run(Path(workdir), data, preset, minutes, budget)
+
+
+@contextlib.contextmanager
+def _compile_once() -> Iterator[None]:
+    """A persistent compilation cache for the run, unless the user set one
+    (JAX_COMPILATION_CACHE_DIR or jax.config), so that a program compiled again later in the
+    run (the second edit's training step, each operator's renders) is read back, not
+    compiled: in a private temporary folder removed at the end, since a compilation cache
+    is code that runs, and one left behind could be read on a CPU with other instructions."""
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="clipgen-demo-compiled-") as folder:
+        compilation_cache.set_cache_dir(folder)
+        compilation_cache.reset_cache()
+        try:
+            yield
+        finally:
+            compilation_cache.set_cache_dir(None)
+            compilation_cache.reset_cache()
+
+
+def _run(
+    workdir: Path, data: shapes_tfds.ShapesConfig, preset: str, minutes: float | None, budget: bool
+) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     plan = "budget" if budget else ("fixed" if minutes else "presets")
